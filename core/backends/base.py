@@ -1,0 +1,56 @@
+"""The small interface a device backend implements."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+
+
+class DeviceBackend:
+    name: ClassVar[str]
+    exe_modes: ClassVar[tuple[str, ...]]
+    dist_backend: ClassVar[str]
+
+    @classmethod
+    def is_available(cls) -> bool:
+        raise NotImplementedError
+
+    def device(self, local_rank: int) -> torch.device:
+        return torch.device(self.name, local_rank)
+
+    def set_device(self, local_rank: int) -> None:
+        """Bind this process to its accelerator; a no-op where there is only one host device."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work, so that wall-clock timings cover it."""
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def cast_weight_format(self, module: torch.nn.Module) -> None:
+        """Convert weights to the device's preferred layout (NZ on Ascend); the generic layout elsewhere."""
+
+    def compile(self, forward: Callable, exe_mode: str) -> Callable:
+        """Wrap a model forward for `exe_mode`; eager returns it unchanged."""
+        if exe_mode == "eager":
+            return forward
+        return self._compile_graph(forward, exe_mode)
+
+    def _compile_graph(self, forward: Callable, exe_mode: str) -> Callable:
+        raise NotImplementedError(f"{self.name} has no graph mode {exe_mode}")
+
+    def profiler(self, trace_dir: Path) -> contextlib.AbstractContextManager:
+        """A profiler context whose trace lands in `trace_dir` (Perfetto / TensorBoard readable)."""
+        activities = [torch.profiler.ProfilerActivity.CPU, *self._profiler_activities()]
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        return torch.profiler.profile(
+            activities=activities,
+            record_shapes=True,
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(str(trace_dir)),
+        )
+
+    def _profiler_activities(self) -> list:
+        return []

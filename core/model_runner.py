@@ -1,0 +1,350 @@
+"""ModelRunner: the base class every generated `<Model>Runner` subclasses (method names follow the seed guide).
+
+Life cycle: `__init__` → `init_device`; `init_model` → load (online split | offline split | random from config)
+→ `_process_weight_after_loading` (`scale_dtype_adapter`, `to_device`, `cast_format`) → `graph_compile` →
+`init_tokenizer`. Generation: `model_generate` (per model) tokenizes and builds the first input dict, then
+`run_decode_loop` repeats `model_input_prepare` → `model_inference` → `model_output_process` until
+`get_jump_flag`, timing prefill and every decode step inside `define_profiler`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedConfig
+from transformers.initialization import no_init_weights
+
+from core.backends import select_backend
+from core.errors import CheckpointError, SettingsError
+from core.settings import is_placeholder_path, validate_runner_settings
+from core.timing import GenerationTiming, StepTimer
+from core.weights import SafetensorsCheckpoint, load_checkpoint_into
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_QUANTIZATION: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerationResult:
+    prompts: list[str]
+    outputs: list[str]
+    output_token_ids: list[list[int]]
+    timing: dict[str, float]
+    step_logits: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompts": self.prompts,
+            "outputs": self.outputs,
+            "output_token_ids": self.output_token_ids,
+            "timing": self.timing,
+        }
+
+
+class ModelRunner:
+    def __init__(self, runner_settings: dict[str, Any]):
+        self.runner_settings = validate_runner_settings(runner_settings)
+        settings = self.runner_settings
+        self.model_name: str = settings["model_name"]
+        self.model_path = Path(settings["model_path"])
+        self.exe_mode: str = settings["exe_mode"]
+        self.world_size: int = settings["world_size"]
+        model_config = settings["model_config"]
+        self.dtype: torch.dtype = getattr(torch, model_config["dtype"])
+        self.with_ckpt: bool = model_config["with_ckpt"]
+        self.enable_online_split_weight: bool = model_config["enable_online_split_weight"]
+        self.enable_profiler: bool = model_config["enable_profiler"]
+        self.enable_weight_nz: bool = model_config["enable_weight_nz"]
+        self.tokenizer_mode: str = model_config["tokenizer_mode"]
+        data_config = settings["data_config"]
+        self.input_max_len: int = data_config["input_max_len"]
+        self.max_new_tokens: int = data_config["max_new_tokens"]
+        self.batch_size: int = data_config["batch_size"]
+        self.max_position_embeddings: int | None = data_config["max_position_embeddings"]
+        self.result_path = Path("results") / self.model_name
+        self.model: torch.nn.Module | None = None
+        self.model_forward = None
+        self.tokenizer = None
+        self.init_device()
+
+    # ------------------------------------------------------------------ device
+    def init_device(self) -> None:
+        settings = self.runner_settings
+        self.backend = select_backend(settings["model_config"]["device"], self.exe_mode)
+        self.global_rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        launched_world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if launched_world_size != self.world_size:
+            raise SettingsError(
+                f"world_size is {self.world_size} in runner_settings but {launched_world_size} processes were "
+                f"launched; launch with torchrun --nproc-per-node {self.world_size} or set world_size: "
+                f"{launched_world_size}"
+            )
+        tp_sizes = {key: size for key, size in settings["parallel_config"].items() if size > 1}
+        if tp_sizes:
+            raise SettingsError(
+                f"this runner supports tensor-parallel size 1 only; got "
+                f"{', '.join(f'parallel_config.{key}: {size}' for key, size in tp_sizes.items())}"
+            )
+        if self.enable_weight_nz and self.backend.name != "npu":
+            raise SettingsError(
+                f"model_config.enable_weight_nz needs an NPU, but the device is {self.backend.name}; set it to false"
+            )
+        self.backend.set_device(self.local_rank)
+        self.device = self.backend.device(self.local_rank)
+        self.backend.manual_seed(self.runner_settings["model_config"]["seed"])
+
+    # ------------------------------------------------------------------ model
+    def init_model(self, model_class: type[torch.nn.Module], config_class: type[PreTrainedConfig]) -> None:
+        """Build `model_class(config, runner_settings)` with weights, ready to generate."""
+        config = self.load_hf_config(config_class)
+        self._verify_quantization(self._parse_quant_hf_config(config))
+        self._check_sequence_budget(config)
+        if not self.with_ckpt:
+            self.model = self._build_model(model_class, config, initialize_weights=True)
+        elif self.enable_online_split_weight:
+            self._init_model_with_online_splited_weight(model_class, config)
+        else:
+            self._init_model_with_offline_splited_weight(model_class, config)
+        self._process_weight_after_loading()
+        self.graph_compile()
+        self.init_tokenizer()
+
+    def load_hf_config(self, config_class: type[PreTrainedConfig]) -> PreTrainedConfig:
+        if is_placeholder_path(str(self.model_path)):
+            raise SettingsError(
+                f"model_path is still the placeholder '{self.model_path}'; set it in the YAML or pass --model-path"
+            )
+        config_file = self.model_path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{config_file} does not exist; model_path must be a Hugging Face model folder")
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{config_file} is not valid JSON: {error}") from None
+        if model_type != config_class.model_type:
+            raise CheckpointError(
+                f"{config_file} describes a '{model_type}' model but this port is for '{config_class.model_type}'"
+            )
+        return config_class.from_pretrained(self.model_path)
+
+    def _check_sequence_budget(self, config: PreTrainedConfig) -> None:
+        limit = self.max_position_embeddings or getattr(config, "max_position_embeddings", None)
+        needed = self.input_max_len + self.max_new_tokens
+        if limit is not None and needed > limit:
+            raise SettingsError(
+                f"data_config.input_max_len + max_new_tokens = {needed} exceeds max_position_embeddings {limit}; "
+                f"lower one of them"
+            )
+
+    def _init_model_with_online_splited_weight(self, model_class, config) -> None:
+        self.model = self._build_model(model_class, config, initialize_weights=False)
+        with SafetensorsCheckpoint(self.model_path) as checkpoint:
+            load_checkpoint_into(self.model, checkpoint)
+
+    def _init_model_with_offline_splited_weight(self, model_class, config) -> None:
+        rank_path = self.model_path / f"rank_{self.global_rank}"
+        if not rank_path.is_dir():
+            raise CheckpointError(
+                f"enable_online_split_weight is false, so the runner expects offline-split weights in {rank_path}, "
+                f"which does not exist; set enable_online_split_weight: true to read {self.model_path} directly"
+            )
+        self.model = self._build_model(model_class, config, initialize_weights=False)
+        with SafetensorsCheckpoint(rank_path) as checkpoint:
+            load_checkpoint_into(self.model, checkpoint)
+
+    def _build_model(self, model_class, config, initialize_weights: bool) -> torch.nn.Module:
+        init_context = contextlib.nullcontext() if initialize_weights else no_init_weights()
+        with init_context:
+            model = model_class(config, self.runner_settings)
+        model.to(self.dtype)
+        for name, module in model.named_modules():
+            if self._keeps_fp32(model, name):
+                module.float()
+        return model.eval()
+
+    def _keeps_fp32(self, model: torch.nn.Module, module_name: str) -> bool:
+        """HF's rule: `_keep_in_fp32_modules` under fp16, `_keep_in_fp32_modules_strict` under fp16 and bf16."""
+        patterns: set[str] = set()
+        if self.dtype == torch.float16:
+            patterns |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+        if self.dtype in (torch.float16, torch.bfloat16):
+            patterns |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+        return bool(patterns) and any(part in patterns for part in module_name.split("."))
+
+    def _process_weight_after_loading(self) -> None:
+        self.scale_dtype_adapter()
+        self.to_device()
+        self.cast_format()
+
+    def scale_dtype_adapter(self) -> None:
+        """Quantisation scales stay in float32 whatever the compute dtype."""
+        for name, param in self.model.named_parameters():
+            if name.endswith("_scale") or name.endswith(".scale"):
+                param.data = param.data.float()
+
+    def to_device(self) -> None:
+        self.model.to(self.device)
+
+    def cast_format(self) -> None:
+        if self.enable_weight_nz:
+            self.backend.cast_weight_format(self.model)
+
+    def graph_compile(self) -> None:
+        self.model_forward = self.backend.compile(self.model.forward, self.exe_mode)
+
+    def _parse_quant_hf_config(self, config: PreTrainedConfig) -> str | None:
+        quantization_config = getattr(config, "quantization_config", None)
+        if quantization_config is None:
+            return None
+        if isinstance(quantization_config, dict):
+            return quantization_config.get("quant_method", "unknown")
+        return getattr(quantization_config, "quant_method", "unknown")
+
+    def _verify_quantization(self, quant_method: str | None) -> None:
+        if quant_method is not None and quant_method not in SUPPORTED_QUANTIZATION:
+            supported = ", ".join(SUPPORTED_QUANTIZATION) or "none"
+            raise CheckpointError(
+                f"{self.model_path / 'config.json'} declares quantization '{quant_method}', which this runner does "
+                f"not support (supported: {supported}); convert the checkpoint to a dequantized safetensors one"
+            )
+
+    # ------------------------------------------------------------------ tokenizer
+    def init_tokenizer(self) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def tokenize_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Left-padded token ids and attention mask; prompts longer than input_max_len are truncated."""
+        if self.tokenizer_mode == "chat":
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+                )
+                for prompt in prompts
+            ]
+            add_special_tokens = False
+        else:
+            texts, add_special_tokens = list(prompts), True
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+        for index, length in enumerate(lengths):
+            if length > self.input_max_len:
+                logger.warning(
+                    "prompt %d has %d tokens; truncated to data_config.input_max_len %d",
+                    index, length, self.input_max_len,
+                )
+        batch = self.tokenizer(
+            texts,
+            add_special_tokens=add_special_tokens,
+            padding="longest",
+            truncation=True,
+            max_length=self.input_max_len,
+            return_tensors="pt",
+        )
+        return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
+
+    # ------------------------------------------------------------------ generation
+    def model_generate(self, prompts: list[str], **options) -> GenerationResult:
+        raise NotImplementedError(f"{type(self).__name__} must implement model_generate")
+
+    def model_input_prepare(self, input_dict: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement model_input_prepare")
+
+    def model_output_process(self, model_inputs: dict[str, Any], next_tokens: torch.Tensor,
+                             input_dict: dict[str, Any]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement model_output_process")
+
+    def mark_inputs(self, model_inputs: dict[str, Any]) -> None:
+        """Mark decode inputs static so a compiled graph is reused across steps (no-op in eager)."""
+        if self.exe_mode == "eager":
+            return
+        for value in model_inputs.values():
+            if isinstance(value, torch.Tensor):
+                torch._dynamo.mark_static(value)
+
+    def model_inference(self, model_inputs: dict[str, Any]) -> torch.Tensor:
+        """Run one forward step; return the logits of each row's last position, [batch, vocab]."""
+        self.mark_inputs(model_inputs)
+        with torch.inference_mode():
+            outputs = self.model_forward(**model_inputs)
+        return outputs.logits[:, -1, :]
+
+    def get_jump_flag(self, step: int, max_new_tokens: int, finished: torch.Tensor) -> bool:
+        return step >= max_new_tokens or bool(finished.all())
+
+    def define_profiler(self) -> contextlib.AbstractContextManager:
+        if not self.enable_profiler:
+            return contextlib.nullcontext()
+        return self.backend.profiler(self.result_path / "profiler")
+
+    def run_decode_loop(
+        self,
+        prompts: list[str],
+        input_dict: dict[str, Any],
+        max_new_tokens: int | None = None,
+        teacher_tokens: torch.Tensor | None = None,
+        ignore_eos: bool = False,
+        keep_logits: bool = False,
+    ) -> GenerationResult:
+        """Greedy generation from `input_dict`.
+
+        teacher_tokens ([batch, steps]) feeds given tokens instead of the argmax (teacher forcing, for
+        verification); keep_logits keeps each step's last-position logits on the CPU in float32.
+        """
+        max_new_tokens = max_new_tokens or self.max_new_tokens
+        batch_size = input_dict["input_ids"].shape[0]
+        eos_ids = torch.tensor(self._eos_token_ids(), device=self.device)
+        pad_id = self.tokenizer.pad_token_id
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
+        generated: list[torch.Tensor] = []
+        step_logits: list[torch.Tensor] = []
+        timing = GenerationTiming(batch_size=batch_size)
+        step = 0
+        with self.define_profiler():
+            while not self.get_jump_flag(step, max_new_tokens, finished):
+                with StepTimer(self.backend.synchronize) as timer:
+                    model_inputs = self.model_input_prepare(input_dict)
+                    logits = self.model_inference(model_inputs)
+                    next_tokens = logits.argmax(dim=-1) if teacher_tokens is None else teacher_tokens[:, step]
+                    next_tokens = torch.where(finished, pad_id, next_tokens)
+                    self.model_output_process(model_inputs, next_tokens, input_dict)
+                if step == 0:
+                    timing.prefill_ms = timer.elapsed_ms
+                else:
+                    timing.decode_ms.append(timer.elapsed_ms)
+                if keep_logits:
+                    step_logits.append(logits.float().cpu())
+                generated.append(next_tokens)
+                if not ignore_eos:
+                    finished |= torch.isin(next_tokens, eos_ids)
+                step += 1
+        token_rows = torch.stack(generated, dim=1).tolist()
+        output_token_ids = [self._strip_after_eos(row, ignore_eos) for row in token_rows]
+        outputs = self.tokenizer.batch_decode(output_token_ids, skip_special_tokens=True)
+        logger.info("%s", timing.report())
+        return GenerationResult(prompts, outputs, output_token_ids, timing.summary(), step_logits)
+
+    def _eos_token_ids(self) -> list[int]:
+        eos = self.model.config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        return [token for token in ids if token is not None]
+
+    def _strip_after_eos(self, row: list[int], ignore_eos: bool) -> list[int]:
+        if ignore_eos:
+            return row
+        eos_ids = set(self._eos_token_ids())
+        for index, token in enumerate(row):
+            if token in eos_ids:
+                return row[: index + 1]
+        return row

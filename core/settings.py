@@ -1,0 +1,170 @@
+"""Load and validate `runner_settings` (the seed's YAML contract) once, before anything is built."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.errors import SettingsError
+
+EXE_MODES = ("eager", "inductor", "cuda_graph", "ge_graph", "acl_graph")
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("auto", "npu", "cuda", "cpu")
+TOKENIZER_MODES = ("default", "chat")
+PLACEHOLDER_PREFIX = "/path/to/"
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: type
+    default: Any = None
+    required: bool = False
+    choices: tuple = ()
+    minimum: int | None = None
+    nullable: bool = False
+
+
+@dataclass(frozen=True)
+class Section:
+    fields: dict[str, Field] = field(default_factory=dict)
+
+
+SCHEMA = Section(
+    {
+        "model_name": Field(str, required=True),
+        "model_path": Field(str, required=True),
+        "exe_mode": Field(str, default="eager", choices=EXE_MODES),
+        "world_size": Field(int, default=1, minimum=1),
+        "model_config": Section(
+            {
+                "dtype": Field(str, default="bfloat16", choices=DTYPES),
+                "with_ckpt": Field(bool, default=True),
+                "enable_online_split_weight": Field(bool, default=True),
+                "enable_profiler": Field(bool, default=False),
+                "enable_weight_nz": Field(bool, default=False),
+                "tokenizer_mode": Field(str, default="default", choices=TOKENIZER_MODES),
+                "device": Field(str, default="auto", choices=DEVICES),
+                "seed": Field(int, default=42, minimum=0),
+                "custom_params": Field(dict, default={}),
+            }
+        ),
+        "data_config": Section(
+            {
+                "dataset": Field(str, default="default"),
+                "input_max_len": Field(int, default=1024, minimum=1),
+                "max_new_tokens": Field(int, default=32, minimum=1),
+                "batch_size": Field(int, default=1, minimum=1),
+                "max_position_embeddings": Field(int, default=None, minimum=1, nullable=True),
+            }
+        ),
+        "parallel_config": Section(
+            {
+                "attn_tp_size": Field(int, default=1, minimum=1),
+                "moe_tp_size": Field(int, default=1, minimum=1),
+                "lmhead_tp_size": Field(int, default=1, minimum=1),
+                "embed_tp_size": Field(int, default=1, minimum=1),
+            }
+        ),
+    }
+)
+
+TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "a mapping"}
+
+
+def load_runner_settings(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a runner_settings YAML file, apply `overrides` (dotted keys), validate and fill defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise SettingsError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: expected a mapping of runner_settings keys, got {type(raw).__name__}")
+    for dotted_key, value in (overrides or {}).items():
+        _set_dotted(raw, dotted_key, value)
+    return validate_runner_settings(raw, source=str(path))
+
+
+def validate_runner_settings(raw: dict[str, Any], source: str = "runner_settings") -> dict[str, Any]:
+    """Return a complete copy of `raw`: unknown keys, wrong types and impossible combinations raise."""
+    settings = _validate_section(SCHEMA, copy.deepcopy(raw), prefix="", source=source)
+    _check_parallel_sizes(settings, source)
+    return settings
+
+
+def is_placeholder_path(model_path: str) -> bool:
+    return model_path.startswith(PLACEHOLDER_PREFIX)
+
+
+def _validate_section(section: Section, raw: Any, prefix: str, source: str) -> dict[str, Any]:
+    where = prefix.rstrip(".") or "the top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{source}: {where} must be a mapping, got {type(raw).__name__}")
+    for key in raw:
+        if key not in section.fields:
+            close = difflib.get_close_matches(str(key), section.fields, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            allowed = ", ".join(section.fields)
+            raise SettingsError(f"{source}: unknown key '{prefix}{key}'{hint} (allowed here: {allowed})")
+    result = {}
+    for key, spec in section.fields.items():
+        name = f"{prefix}{key}"
+        if isinstance(spec, Section):
+            result[key] = _validate_section(spec, raw.get(key), prefix=f"{name}.", source=source)
+            continue
+        if key not in raw:
+            if spec.required:
+                raise SettingsError(f"{source}: missing required key '{name}'")
+            result[key] = copy.deepcopy(spec.default)
+            continue
+        result[key] = _validate_value(spec, raw[key], name, source)
+    return result
+
+
+def _validate_value(spec: Field, value: Any, name: str, source: str) -> Any:
+    if value is None and spec.nullable:
+        return None
+    wrong_type = not isinstance(value, spec.kind) or (spec.kind is int and isinstance(value, bool))
+    if wrong_type:
+        raise SettingsError(
+            f"{source}: '{name}' must be {TYPE_NAMES[spec.kind]}, got {value!r} ({type(value).__name__})"
+        )
+    if spec.choices and value not in spec.choices:
+        close = difflib.get_close_matches(value, spec.choices, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise SettingsError(
+            f"{source}: '{name}' is {value!r}{hint} (allowed: {', '.join(spec.choices)})"
+        )
+    if spec.minimum is not None and value < spec.minimum:
+        raise SettingsError(f"{source}: '{name}' must be at least {spec.minimum}, got {value}")
+    return value
+
+
+def _check_parallel_sizes(settings: dict[str, Any], source: str) -> None:
+    world_size = settings["world_size"]
+    for key, size in settings["parallel_config"].items():
+        if world_size % size:
+            raise SettingsError(
+                f"{source}: world_size {world_size} is not a multiple of parallel_config.{key} {size}; "
+                f"use a {key} that divides {world_size}"
+            )
+
+
+def _set_dotted(raw: dict[str, Any], dotted_key: str, value: Any) -> None:
+    *parents, leaf = dotted_key.split(".")
+    node = raw
+    for parent in parents:
+        node = node.setdefault(parent, {})
+    node[leaf] = value

@@ -1,0 +1,73 @@
+"""`recipes-scaffold MODEL --from transformers [--out ROOT] [--force]`, and `tiny-checkpoint` for demos."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from core.cli import exit_on_user_error
+from scaffold.errors import ScaffoldError
+from scaffold.inspect import inspect_model
+from scaffold.locate import locate_transformers_model
+from scaffold.render import header_lines, port_files
+from scaffold.write import stamp, write_files
+
+SUBCOMMANDS = ("tiny-checkpoint",)
+
+
+def generate(model: str, source: str, out: Path, force: bool = False) -> list[Path]:
+    if source != "transformers":
+        raise ScaffoldError(f"--from {source!r} is not supported yet; use --from transformers")
+    spec = inspect_model(locate_transformers_model(model))
+    files = {path: stamp(path, header_lines(spec, path), body) for path, body in port_files(spec).items()}
+    report = write_files(out, files, force=force)
+    return report.written
+
+
+def _scaffold_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recipes-scaffold",
+        description="Write a runner_settings-aware port of a Hugging Face causal LM onto the core ModelRunner.",
+        epilog="Also: recipes-scaffold tiny-checkpoint MODEL_TYPE --out DIR (a tiny random checkpoint to try a port)",
+    )
+    parser.add_argument("model", help="model name as in transformers/models/, e.g. gpt_oss")
+    parser.add_argument("--from", dest="source", default="transformers", help="where the model's code comes from")
+    parser.add_argument("--out", type=Path, default=Path("."), help="root folder to write into (default: .)")
+    parser.add_argument("--force", action="store_true", help="overwrite generated files even if you edited them")
+    return parser
+
+
+def _tiny_checkpoint_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recipes-scaffold tiny-checkpoint",
+        description="Save a tiny randomly initialised HF checkpoint (with tokenizer) of an architecture.",
+    )
+    parser.add_argument("model_type", help="config model_type, e.g. gpt_oss")
+    parser.add_argument("--out", type=Path, required=True, help="folder to save the checkpoint into")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "tiny-checkpoint":
+        args = _tiny_checkpoint_parser().parse_args(argv[1:])
+        from scaffold.verify import build_tiny_checkpoint
+
+        path = build_tiny_checkpoint(args.model_type, args.out, seed=args.seed)
+        print(f"tiny {args.model_type} checkpoint written to {path}")
+        return 0
+    args = _scaffold_parser().parse_args(argv)
+    started = time.perf_counter()
+    written = generate(args.model, args.source, args.out, force=args.force)
+    for path in written:
+        print(f"wrote {path}")
+    print(f"{args.model}: {len(written)} files written in {time.perf_counter() - started:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

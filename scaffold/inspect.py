@@ -1,0 +1,146 @@
+"""Parse a model's source with libcst (never importing it) into a ModelSpec: classes, weights, roles."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+
+import libcst as cst
+import libcst.matchers as m
+
+from scaffold.errors import ScaffoldError
+from scaffold.locate import ModelSource
+
+WEIGHT_CONSTRUCTORS = {"Linear": "linear", "Embedding": "embedding", "Parameter": "parameter"}
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    attribute: str
+    kind: str
+    arguments: str
+
+
+@dataclass
+class ClassSpec:
+    name: str
+    bases: list[str]
+    init_params: list[str] = field(default_factory=list)
+    constructs: list[str] = field(default_factory=list)
+    weights: list[WeightSpec] = field(default_factory=list)
+    forward_params: list[str] = field(default_factory=list)
+
+    @property
+    def takes_config(self) -> bool:
+        return "config" in self.init_params
+
+
+@dataclass
+class ModelSpec:
+    source: ModelSource
+    modeling: cst.Module
+    classes: dict[str, ClassSpec]
+    causal_lm_class: str
+    config_class: str
+    model_type: str
+    base_model_tp_plan: dict | None
+
+    @property
+    def camel_name(self) -> str:
+        return self.causal_lm_class.removesuffix("ForCausalLM")
+
+    def classes_taking_config(self) -> list[str]:
+        return [name for name, spec in self.classes.items() if spec.takes_config]
+
+
+def _dotted(node: cst.BaseExpression) -> str:
+    if isinstance(node, cst.Name):
+        return node.value
+    if isinstance(node, cst.Attribute):
+        return f"{_dotted(node.value)}.{node.attr.value}"
+    return cst.Module([]).code_for_node(node)
+
+
+class _ClassCollector(cst.CSTVisitor):
+    def __init__(self, module: cst.Module):
+        self.module = module
+        self.classes: dict[str, ClassSpec] = {}
+        self._class_stack: list[ClassSpec] = []
+        self._method: str | None = None
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+        spec = ClassSpec(node.name.value, [_dotted(base.value) for base in node.bases])
+        if not self._class_stack:
+            self.classes[spec.name] = spec
+        self._class_stack.append(spec)
+
+    def leave_ClassDef(self, original_node: cst.ClassDef) -> None:
+        self._class_stack.pop()
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+        if not self._class_stack or self._method is not None:
+            return
+        self._method = node.name.value
+        params = [param.name.value for param in node.params.params][1:]
+        params += [param.name.value for param in node.params.kwonly_params]
+        if self._method == "__init__":
+            self._class_stack[-1].init_params = params
+        elif self._method == "forward":
+            self._class_stack[-1].forward_params = params
+
+    def leave_FunctionDef(self, original_node: cst.FunctionDef) -> None:
+        if self._class_stack and self._method == original_node.name.value:
+            self._method = None
+
+    def visit_Assign(self, node: cst.Assign) -> None:
+        if not self._class_stack or self._method != "__init__" or not isinstance(node.value, cst.Call):
+            return
+        target = node.targets[0].target
+        constructor = _dotted(node.value.func).split(".")[-1]
+        if m.matches(target, m.Attribute(value=m.Name("self"))) and constructor in WEIGHT_CONSTRUCTORS:
+            arguments = self.module.code_for_node(node.value).split("(", 1)[1].rsplit(")", 1)[0]
+            self._class_stack[-1].weights.append(
+                WeightSpec(target.attr.value, WEIGHT_CONSTRUCTORS[constructor], " ".join(arguments.split()))
+            )
+
+    def visit_Call(self, node: cst.Call) -> None:
+        if self._class_stack and self._method == "__init__" and isinstance(node.func, cst.Name):
+            self._class_stack[-1].constructs.append(node.func.value)
+
+
+def _config_class_and_type(configuration: cst.Module, path) -> tuple[str, str, dict | None]:
+    for statement in configuration.body:
+        if not isinstance(statement, cst.ClassDef):
+            continue
+        model_type, tp_plan = None, None
+        for item in statement.body.body:
+            if not m.matches(item, m.SimpleStatementLine(body=[m.Assign() | m.AnnAssign()])):
+                continue
+            assign = item.body[0]
+            target = assign.targets[0].target if isinstance(assign, cst.Assign) else assign.target
+            if not isinstance(target, cst.Name) or assign.value is None:
+                continue
+            value_code = configuration.code_for_node(assign.value)
+            if target.value == "model_type":
+                model_type = ast.literal_eval(value_code)
+            elif target.value == "base_model_tp_plan":
+                tp_plan = ast.literal_eval(value_code)
+        if model_type is not None:
+            return statement.name.value, model_type, tp_plan
+    raise ScaffoldError(f"{path} defines no config class with a `model_type` attribute")
+
+
+def inspect_model(source: ModelSource) -> ModelSpec:
+    modeling = cst.parse_module(source.modeling_path.read_text(encoding="utf-8"))
+    configuration = cst.parse_module(source.configuration_path.read_text(encoding="utf-8"))
+    collector = _ClassCollector(modeling)
+    modeling.visit(collector)
+    causal_lms = [name for name in collector.classes if name.endswith("ForCausalLM")]
+    if len(causal_lms) != 1:
+        found = ", ".join(causal_lms) or "none"
+        raise ScaffoldError(
+            f"{source.display_modeling} must define exactly one *ForCausalLM class to port (found: {found}); "
+            f"encoder-decoder and encoder-only models are not decoder LMs"
+        )
+    config_class, model_type, tp_plan = _config_class_and_type(configuration, source.configuration_path)
+    return ModelSpec(source, modeling, collector.classes, causal_lms[0], config_class, model_type, tp_plan)

@@ -1,0 +1,57 @@
+"""Find a model's `modeling_*.py` and `configuration_*.py` without importing them or transformers."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from scaffold.errors import ScaffoldError
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    modeling_path: Path
+    configuration_path: Path
+    package: str
+    transformers_version: str
+
+    @property
+    def display_modeling(self) -> str:
+        """The modeling file as the header names it: stable across machines (no absolute path)."""
+        return f"{self.package.replace('.', '/')}/{self.modeling_path.name}"
+
+
+def transformers_models_dir() -> Path:
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        raise ScaffoldError("transformers is not installed; install it to scaffold from it (pip install transformers)")
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
+
+
+def causal_lm_models(models_dir: Path) -> list[str]:
+    """Model folders whose modeling file defines a *ForCausalLM class (read as text, never imported)."""
+    names = []
+    for folder in models_dir.iterdir():
+        modeling = folder / f"modeling_{folder.name}.py"
+        if modeling.is_file() and "ForCausalLM(" in modeling.read_text(encoding="utf-8"):
+            names.append(folder.name)
+    return sorted(names)
+
+
+def locate_transformers_model(name: str) -> ModelSource:
+    models_dir = transformers_models_dir()
+    version = importlib.metadata.version("transformers")
+    folder = models_dir / name
+    modeling = folder / f"modeling_{name}.py"
+    configuration = folder / f"configuration_{name}.py"
+    if not modeling.is_file():
+        close = difflib.get_close_matches(name, causal_lm_models(models_dir), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; the causal LMs are the folders of {models_dir}"
+        raise ScaffoldError(f"transformers {version} has no model named '{name}'{hint}")
+    if not configuration.is_file():
+        raise ScaffoldError(f"transformers {version} ships {modeling.name} but no {configuration.name} for '{name}'")
+    return ModelSource(name, modeling, configuration, f"transformers.models.{name}", version)

@@ -1,0 +1,94 @@
+"""Tiny random checkpoints of an architecture: HF's own model class, a fixed seed, a small trained tokenizer.
+
+Dimensions shrink but keep what the port must get right: several heads with fewer KV heads (GQA), more than
+one layer, experts routed top-2, a sliding window shorter than the test sequences.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerFast
+
+from scaffold.errors import ScaffoldError
+
+TOKENIZER_VOCAB_SIZE = 384
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+TRAINING_TEXT = """
+The quick brown fox jumps over the lazy dog. A port is proven against the reference on the same weights.
+In a hole in the ground there lived a hobbit, not a nasty, dirty, wet hole, filled with the ends of worms.
+Explain what a language model is. Write a haiku about the sea. The three primary colours are red, yellow and blue.
+Tensor parallel layers split each weight across ranks; the attention heads, the experts and the vocabulary too.
+What is the capital of France? Paris is the capital of France, and Berlin is the capital of Germany.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 100 1000. Code: def forward(self, hidden_states): return hidden_states
+"""
+
+# Applied where the architecture's config has the attribute; per-architecture entries win.
+TINY_DIMENSIONS = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 64,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "sliding_window": 8,
+    "initializer_range": 0.1,
+}
+ARCHITECTURE_OVERRIDES: dict[str, dict] = {
+    "gpt_oss": {"layer_types": ["sliding_attention", "full_attention"]},
+}
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TRAINING_TEXT.split("\n"), trainer=trainer)
+    pad, bos, eos = SPECIAL_TOKENS
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=pad, bos_token=bos, eos_token=eos)
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def tiny_config(model_type: str, tokenizer: PreTrainedTokenizerFast, **overrides) -> PreTrainedConfig:
+    try:
+        defaults = AutoConfig.for_model(model_type)
+    except ValueError:
+        raise ScaffoldError(f"transformers has no config for model_type '{model_type}'") from None
+    values = {key: value for key, value in TINY_DIMENSIONS.items() if hasattr(defaults, key)}
+    values.update(ARCHITECTURE_OVERRIDES.get(model_type, {}))
+    values.update(overrides)
+    values.update(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return AutoConfig.for_model(model_type, **values)
+
+
+def build_tiny_checkpoint(model_type: str, out_dir: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """Save HF's own `model_type` causal LM, randomly initialised with `seed`, and a tokenizer into `out_dir`."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_config(model_type, tokenizer, **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,317 @@
+"""libcst codemods that turn an HF modeling file into a runner_settings-aware port.
+
+Each transformation is one `CodemodCommand`; `port_modeling_module` runs them in order. They walk the tree with
+plain `CSTTransformer`s (not matcher-decorated ones) or only the top-level statements: the generator must
+stay well under a few seconds per model.
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+from libcst.codemod import CodemodCommand, CodemodContext
+
+from scaffold.errors import ScaffoldError
+from scaffold.inspect import ModelSpec
+
+SETTINGS = "runner_settings"
+MODULAR_BANNER_MARK = "automatically generated from"
+
+
+class AbsoluteImportsCommand(CodemodCommand):
+    """`from ...cache_utils import X` → `from transformers.cache_utils import X`: the port lives outside HF."""
+
+    DESCRIPTION = "Resolve relative imports against the source package."
+
+    def __init__(self, context: CodemodContext, package: str):
+        super().__init__(context)
+        self.package = package
+
+    def transform_module_impl(self, tree: cst.Module) -> cst.Module:
+        return tree.visit(_AbsoluteImports(self.package))
+
+
+class _AbsoluteImports(cst.CSTTransformer):
+    def __init__(self, package: str):
+        super().__init__()
+        self.package_parts = package.split(".")
+
+    def leave_ImportFrom(self, original_node: cst.ImportFrom, updated_node: cst.ImportFrom) -> cst.ImportFrom:
+        depth = len(updated_node.relative)
+        if depth == 0:
+            return updated_node
+        base = self.package_parts[: len(self.package_parts) - (depth - 1)]
+        if updated_node.module is not None:
+            base = base + cst.Module([]).code_for_node(updated_node.module).split(".")
+        return updated_node.with_changes(relative=[], module=cst.parse_expression(".".join(base)))
+
+
+class _NameCollector(cst.CSTVisitor):
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def visit_Name(self, node: cst.Name) -> None:
+        self.names.add(node.value)
+
+
+def _names_used(node: cst.CSTNode) -> set[str]:
+    collector = _NameCollector()
+    node.visit(collector)
+    return collector.names
+
+
+def _defined_name(statement: cst.CSTNode) -> str | None:
+    if isinstance(statement, (cst.ClassDef, cst.FunctionDef)):
+        return statement.name.value
+    return None
+
+
+class PruneToCausalLMCommand(CodemodCommand):
+    """Keep only the classes and functions the causal LM reaches; drop heads (sequence classification, …)
+    and the imports nothing uses any more, and list what is left in `__all__`."""
+
+    DESCRIPTION = "Remove definitions the causal LM does not use."
+
+    def __init__(self, context: CodemodContext, root: str):
+        super().__init__(context)
+        self.root = root
+
+    def transform_module_impl(self, updated_node: cst.Module) -> cst.Module:
+        definitions = {
+            name: statement for statement in updated_node.body if (name := _defined_name(statement)) is not None
+        }
+        reachable, frontier = set(), [self.root]
+        while frontier:
+            name = frontier.pop()
+            if name in reachable or name not in definitions:
+                continue
+            reachable.add(name)
+            frontier.extend(_names_used(definitions[name]) & definitions.keys())
+        kept = [
+            statement
+            for statement in updated_node.body
+            if _defined_name(statement) is None or _defined_name(statement) in reachable
+        ]
+        kept = [self._prune_all(statement, reachable) for statement in kept]
+        imports = m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()])
+        used = set().union(*(_names_used(statement) for statement in kept if not m.matches(statement, imports)))
+        return updated_node.with_changes(body=[s for s in (self._drop_unused(s, used) for s in kept) if s])
+
+    @staticmethod
+    def _prune_all(statement: cst.CSTNode, reachable: set[str]) -> cst.CSTNode:
+        """Keep the `__all__` entries whose definitions survive, one per line."""
+        all_assign = m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name("__all__"))])])
+        if not m.matches(statement, all_assign):
+            return statement
+        names = [
+            element.value.evaluated_value for element in statement.body[0].value.elements
+            if isinstance(element.value, cst.SimpleString) and element.value.evaluated_value in reachable
+        ]
+        lines = "".join(f'    "{name}",\n' for name in names)
+        return cst.parse_statement(f"__all__ = [\n{lines}]\n")
+
+    @staticmethod
+    def _drop_unused(statement: cst.CSTNode, used: set[str]) -> cst.CSTNode | None:
+        if not m.matches(statement, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()])):
+            return statement
+        node = statement.body[0]
+        if isinstance(node.names, cst.ImportStar):
+            return statement
+        aliases = [
+            alias for alias in node.names
+            if (alias.asname.name.value if alias.asname else _bound_name(alias)) in used
+        ]
+        if not aliases:
+            return None
+        aliases[-1] = aliases[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+        changes = {"names": aliases}
+        if isinstance(node, cst.ImportFrom) and len(aliases) == 1:
+            changes.update(lpar=None, rpar=None)
+        return statement.with_changes(body=[node.with_changes(**changes)])
+
+
+def _bound_name(alias: cst.ImportAlias) -> str:
+    return cst.Module([]).code_for_node(alias.name).split(".")[0]
+
+
+class ThreadRunnerSettingsCommand(CodemodCommand):
+    """Every module constructor that takes `config` also takes `runner_settings` (right after `config`),
+    keeps it as `self.runner_settings`, and passes it on to every such module it builds."""
+
+    DESCRIPTION = "Thread runner_settings through module constructors."
+
+    def __init__(self, context: CodemodContext, spec: ModelSpec):
+        super().__init__(context)
+        self.spec = spec
+
+    def transform_module_impl(self, tree: cst.Module) -> cst.Module:
+        return tree.visit(_ThreadRunnerSettings(self.spec))
+
+
+class _ThreadRunnerSettings(cst.CSTTransformer):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.threaded = set(spec.classes_taking_config())
+        self._class_stack: list[str] = []
+        self._function_stack: list[str] = []
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+        self._class_stack.append(node.name.value)
+
+    def leave_ClassDef(self, original_node: cst.ClassDef, updated_node: cst.ClassDef) -> cst.ClassDef:
+        self._class_stack.pop()
+        return updated_node
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+        self._function_stack.append(node.name.value)
+
+    def leave_FunctionDef(self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef) -> cst.FunctionDef:
+        self._function_stack.pop()
+        if not self._in_threaded_init(original_node):
+            return updated_node
+        params = list(updated_node.params.params)
+        config_index = [param.name.value for param in params].index("config")
+        default = cst.Name("None") if params[config_index].default is not None else None
+        params.insert(config_index + 1, cst.Param(cst.Name(SETTINGS), default=default,
+                                                 equal=cst.AssignEqual(cst.SimpleWhitespace(""),
+                                                                       cst.SimpleWhitespace(""))
+                                                 if default else cst.MaybeSentinel.DEFAULT))
+        body = list(updated_node.body.body)
+        body.insert(self._after_super_init(body), cst.parse_statement(f"self.{SETTINGS} = {SETTINGS}"))
+        return updated_node.with_changes(
+            params=updated_node.params.with_changes(params=params),
+            body=updated_node.body.with_changes(body=body),
+        )
+
+    def _in_threaded_init(self, node: cst.FunctionDef) -> bool:
+        return (
+            node.name.value == "__init__"
+            and len(self._function_stack) == 0
+            and bool(self._class_stack)
+            and self._class_stack[-1] in self.threaded
+        )
+
+    @staticmethod
+    def _after_super_init(body: list[cst.BaseStatement]) -> int:
+        for index, statement in enumerate(body):
+            if m.findall(statement, m.Call(func=m.Attribute(value=m.Call(func=m.Name("super")),
+                                                            attr=m.Name("__init__")))):
+                return index + 1
+        has_docstring = m.matches(body[0], m.SimpleStatementLine(body=[m.Expr(m.SimpleString())])) if body else False
+        return 1 if has_docstring else 0
+
+    def leave_Call(self, original_node: cst.Call, updated_node: cst.Call) -> cst.Call:
+        if not (isinstance(updated_node.func, cst.Name) and updated_node.func.value in self.threaded):
+            return updated_node
+        callee = updated_node.func.value
+        if not (self._function_stack == ["__init__"] and self._class_stack and self._class_stack[-1] in self.threaded):
+            where = ".".join(self._class_stack + self._function_stack) or "module level"
+            raise ScaffoldError(
+                f"{self.spec.source.display_modeling}: {callee}(...) is built in {where}, where no runner_settings "
+                f"is in scope; only module constructors that take `config` can pass it on"
+            )
+        config_position = self.spec.classes[callee].init_params.index("config")
+        args = list(updated_node.args)
+        positional = [arg for arg in args if arg.keyword is None and not arg.star]
+        if len(positional) > config_position + 1:
+            args.insert(config_position + 1, cst.Arg(cst.Name(SETTINGS), comma=args[config_position].comma))
+        else:
+            if args:
+                args[-1] = args[-1].with_changes(comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" ")))
+            args.append(cst.Arg(cst.Name(SETTINGS), keyword=cst.Name(SETTINGS),
+                                equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace(""))))
+        return updated_node.with_changes(args=args)
+
+
+class AddMethodCommand(CodemodCommand):
+    """Insert a method, given as source, into a top-level class right after its `__init__` (replacing a
+    method of the same name)."""
+
+    DESCRIPTION = "Add a method to a class."
+
+    def __init__(self, context: CodemodContext, class_name: str, method: cst.FunctionDef):
+        super().__init__(context)
+        self.class_name = class_name
+        self.method = method
+
+    def transform_module_impl(self, tree: cst.Module) -> cst.Module:
+        return tree.with_changes(body=[
+            self._add_to(statement) if _defined_name(statement) == self.class_name else statement
+            for statement in tree.body
+        ])
+
+    def _add_to(self, updated_node: cst.ClassDef) -> cst.ClassDef:
+        body = list(updated_node.body.body)
+        names = [_defined_name(statement) for statement in body]
+        if self.method.name.value in names:
+            body.pop(names.index(self.method.name.value))
+            names.remove(self.method.name.value)
+        position = names.index("__init__") + 1 if "__init__" in names else len(body)
+        body.insert(position, self.method.with_changes(leading_lines=[cst.EmptyLine(indent=False)]))
+        return updated_node.with_changes(body=updated_node.body.with_changes(body=body))
+
+
+class DropAutoDocstringCommand(CodemodCommand):
+    """Remove `@auto_docstring`: it only builds HF's documentation, and it rejects the added `runner_settings`
+    parameter as undocumented."""
+
+    DESCRIPTION = "Drop HF documentation decorators."
+
+    def transform_module_impl(self, tree: cst.Module) -> cst.Module:
+        return tree.visit(_DropDecorator("auto_docstring"))
+
+
+class _DropDecorator(cst.CSTTransformer):
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def _keep(self, decorator: cst.Decorator) -> bool:
+        target = decorator.decorator.func if isinstance(decorator.decorator, cst.Call) else decorator.decorator
+        return not (isinstance(target, cst.Name) and target.value == self.name)
+
+    def leave_FunctionDef(self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef) -> cst.FunctionDef:
+        return updated_node.with_changes(decorators=[d for d in updated_node.decorators if self._keep(d)])
+
+    def leave_ClassDef(self, original_node: cst.ClassDef, updated_node: cst.ClassDef) -> cst.ClassDef:
+        return updated_node.with_changes(decorators=[d for d in updated_node.decorators if self._keep(d)])
+
+
+class ReplaceHeaderCommand(CodemodCommand):
+    """Drop HF's "generated from modular, do not edit" banner (the port is meant to be edited); keep the licence."""
+
+    DESCRIPTION = "Replace the modular-generation banner."
+
+    def transform_module_impl(self, updated_node: cst.Module) -> cst.Module:
+        header = list(updated_node.header)
+        if any(line.comment and MODULAR_BANNER_MARK in line.comment.value for line in header):
+            first_kept = next(
+                (index for index, line in enumerate(header) if line.comment and "Copyright" in line.comment.value),
+                len(header),
+            )
+            header = header[first_kept:]
+        return updated_node.with_changes(header=header)
+
+
+def method_from_template(class_source: str) -> cst.FunctionDef:
+    """The first method of a rendered template class: written inside a class so that its docstring and body
+    are indented as they will be in the port."""
+    template_class = cst.parse_module(class_source).body[0]
+    return next(item for item in template_class.body.body if isinstance(item, cst.FunctionDef))
+
+
+def port_modeling_module(spec: ModelSpec, prepare_inputs_source: str) -> str:
+    context = CodemodContext()
+    module = spec.modeling
+    for command in (
+        ReplaceHeaderCommand(context),
+        AbsoluteImportsCommand(context, spec.source.package),
+        DropAutoDocstringCommand(context),
+        PruneToCausalLMCommand(context, spec.causal_lm_class),
+        ThreadRunnerSettingsCommand(context, spec),
+        AddMethodCommand(context, spec.causal_lm_class, method_from_template(prepare_inputs_source)),
+    ):
+        module = command.transform_module(module)
+    return module.code

@@ -1,0 +1,136 @@
+"""Prove a port against HF eager on the same weights.
+
+HF's own model runs `generate` greedily on a left-padded batch; the port then runs twice on the same prompts:
+teacher-forced with HF's tokens (every step's logits must agree within `tolerance`) and free-running (its greedy
+tokens must equal HF's, except where HF's own top-2 logit gap at that step is below `tolerance`: a near tie that
+reduction order may flip).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from core.model_runner import ModelRunner
+from scaffold.tiny import build_tiny_checkpoint
+
+__all__ = ["DEFAULT_PROMPTS", "VerifyReport", "build_tiny_checkpoint", "hf_reference", "verify_port"]
+
+DEFAULT_PROMPTS = (
+    "Hello",
+    "The quick brown fox jumps over the lazy dog",
+    "In a hole in the ground there lived a hobbit",
+)
+
+
+@dataclass
+class Mismatch:
+    row: int
+    step: int
+    hf_token: int
+    port_token: int
+    hf_top2_gap: float
+
+
+@dataclass
+class VerifyReport:
+    rows: int
+    steps: int
+    tolerance: float
+    max_abs_logit_diff: float
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+    @property
+    def near_ties(self) -> list[Mismatch]:
+        return [mismatch for mismatch in self.mismatches if mismatch.hf_top2_gap < self.tolerance]
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_logit_diff <= self.tolerance and len(self.near_ties) == len(self.mismatches)
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        lines = [
+            f"{verdict}: {self.rows} prompts x {self.steps} steps; teacher-forced logits max |port - HF| = "
+            f"{self.max_abs_logit_diff:.3e} (tolerance {self.tolerance:.0e}); greedy tokens differ in "
+            f"{len(self.mismatches)} rows, {len(self.near_ties)} of them at HF near-ties"
+        ]
+        lines += [
+            f"  row {mismatch.row} step {mismatch.step}: HF {mismatch.hf_token}, port {mismatch.port_token}, "
+            f"HF top-2 gap {mismatch.hf_top2_gap:.3e}"
+            for mismatch in self.mismatches
+        ]
+        return "\n".join(lines)
+
+
+def hf_reference(checkpoint: Path, prompts: list[str], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF eager greedy tokens [batch, steps] and raw logits [batch, steps, vocab] (fp32, CPU, EOS ignored)."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    batch = tokenizer(list(prompts), padding="longest", return_tensors="pt")
+    generation_config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    with torch.inference_mode():
+        output = model.generate(**batch, generation_config=generation_config)
+    tokens = output.sequences[:, batch["input_ids"].shape[1]:]
+    return tokens, torch.stack(output.logits, dim=1).float()
+
+
+def verify_port(
+    runner_class: type[ModelRunner],
+    checkpoint: str | Path,
+    prompts: tuple[str, ...] | list[str] = DEFAULT_PROMPTS,
+    max_new_tokens: int = 24,
+    tolerance: float = 1e-4,
+    settings_overrides: dict[str, Any] | None = None,
+) -> VerifyReport:
+    checkpoint = Path(checkpoint)
+    prompts = list(prompts)
+    hf_tokens, hf_logits = hf_reference(checkpoint, prompts, max_new_tokens)
+
+    runner = runner_class(_verification_settings(runner_class, checkpoint, len(prompts), max_new_tokens,
+                                                 settings_overrides or {}))
+    runner.init_model()
+    forced = runner.model_generate(prompts, teacher_tokens=hf_tokens.to(runner.device), ignore_eos=True,
+                                   keep_logits=True)
+    port_logits = torch.stack(forced.step_logits, dim=1)
+    max_abs_diff = (port_logits - hf_logits).abs().max().item()
+
+    free = runner.model_generate(prompts, ignore_eos=True)
+    port_tokens = torch.tensor(free.output_token_ids)
+    top2 = hf_logits.topk(2, dim=-1).values
+    gaps = top2[..., 0] - top2[..., 1]
+    mismatches = []
+    for row in range(len(prompts)):
+        differing = (port_tokens[row] != hf_tokens[row]).nonzero()
+        if len(differing):
+            step = int(differing[0])
+            mismatches.append(Mismatch(row, step, int(hf_tokens[row, step]), int(port_tokens[row, step]),
+                                       float(gaps[row, step])))
+    return VerifyReport(len(prompts), max_new_tokens, tolerance, max_abs_diff, mismatches)
+
+
+def _verification_settings(runner_class, checkpoint: Path, batch_size: int, max_new_tokens: int,
+                           overrides: dict[str, Any]) -> dict[str, Any]:
+    settings = {
+        "model_name": runner_class.__name__,
+        "model_path": str(checkpoint),
+        "exe_mode": "eager",
+        "world_size": 1,
+        "model_config": {"dtype": "float32", "device": "cpu"},
+        "data_config": {"input_max_len": 64, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
+    }
+    for key, value in overrides.items():
+        settings.setdefault(key, {}).update(value) if isinstance(value, dict) else settings.update({key: value})
+    return settings

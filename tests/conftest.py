@@ -1,0 +1,26 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_oss(tmp_path_factory) -> Path:
+    """A tiny random gpt_oss checkpoint (HF's class, seed 0) with its tokenizer; treat as read-only."""
+    from scaffold.verify import build_tiny_checkpoint
+
+    return build_tiny_checkpoint("gpt_oss", tmp_path_factory.mktemp("tiny_gpt_oss"))
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_gpt_oss, tmp_path) -> Path:
+    """A private copy of the tiny checkpoint that a test may damage."""
+    return Path(shutil.copytree(tiny_gpt_oss, tmp_path / "checkpoint"))
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd or REPO, capture_output=True, text=True)

@@ -1,0 +1,103 @@
+"""The generator: deterministic output identical to the committed port, clear errors, edits never lost."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from scaffold.cli import generate
+from scaffold.errors import ScaffoldError
+
+GPT_OSS_FILES = [
+    "generated_models/__init__.py",
+    "generated_models/gpt_oss/__init__.py",
+    "generated_models/gpt_oss/modeling_gpt_oss.py",
+    "generated_models/gpt_oss/runner_gpt_oss.py",
+    "generated_models/gpt_oss/infer.py",
+    "generated_models/gpt_oss/README.md",
+    "config/gpt_oss.yaml",
+    "tests/generated/test_gpt_oss.py",
+]
+
+
+def test_regeneration_is_byte_identical_to_the_committed_port(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    generate("gpt_oss", "transformers", first)
+    generate("gpt_oss", "transformers", second)
+    written = sorted(str(path.relative_to(first)) for path in first.rglob("*") if path.is_file())
+    assert written == sorted(GPT_OSS_FILES)
+    for relative in GPT_OSS_FILES:
+        fresh = (first / relative).read_bytes()
+        assert fresh == (second / relative).read_bytes(), f"{relative} differs between two runs"
+        assert fresh == (REPO / relative).read_bytes(), (
+            f"{relative} differs from the committed port; regenerate with `recipes-scaffold gpt_oss --force`"
+        )
+
+
+def test_every_generated_file_names_its_source_and_transformers_version(tmp_path):
+    generate("gpt_oss", "transformers", tmp_path)
+    for relative in GPT_OSS_FILES:
+        head = (tmp_path / relative).read_text().splitlines()[0]
+        assert "transformers 5.23.0" in head and "modeling_gpt_oss.py" in head, relative
+
+
+def test_generated_port_threads_runner_settings_and_prepares_inputs(tmp_path):
+    generate("gpt_oss", "transformers", tmp_path)
+    modeling = (tmp_path / "generated_models/gpt_oss/modeling_gpt_oss.py").read_text()
+    assert "def __init__(self, config: GptOssConfig, runner_settings):" in modeling
+    assert "self.model = GptOssModel(config, runner_settings=runner_settings)" in modeling
+    assert "GptOssDecoderLayer(config, runner_settings, layer_idx)" in modeling
+    assert "def prepare_inputs_for_generation(self, input_ids, attention_mask, past_key_values" in modeling
+    assert "from ..." not in modeling and "GptOssForSequenceClassification" not in modeling
+    runner = (tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py").read_text()
+    for method in ("init_model", "model_generate", "model_input_prepare", "model_output_process"):
+        assert f"def {method}(" in runner
+    assert "class GptOssRunner(ModelRunner):" in runner
+
+
+def test_generator_parses_but_never_imports_the_model_source(tmp_path):
+    probe = (
+        "import sys; from pathlib import Path; from scaffold.cli import generate; "
+        f"generate('gpt_oss', 'transformers', Path({str(tmp_path)!r})); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch')))"
+    )
+    result = run_cli("-c", probe)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_unknown_model_is_one_line_with_suggestions():
+    result = run_cli("-m", "scaffold.cli", "gpt_os", "--from", "transformers", "--out", "/tmp/never-written")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "no model named 'gpt_os'" in result.stderr and "gpt_oss" in result.stderr
+    assert not Path("/tmp/never-written").exists()
+
+
+def test_nosuchmodel_exits_nonzero_with_a_suggestion():
+    result = run_cli("-m", "scaffold.cli", "nosuchmodel", "--from", "transformers")
+    assert result.returncode == 2 and "did you mean" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_edited_file_is_kept_unless_forced(tmp_path):
+    generate("gpt_oss", "transformers", tmp_path)
+    runner = tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py"
+    edited = runner.read_text() + "\n# my tuning note\n"
+    runner.write_text(edited)
+    with pytest.raises(ScaffoldError, match="refusing to overwrite .*runner_gpt_oss.py.*--force"):
+        generate("gpt_oss", "transformers", tmp_path)
+    assert runner.read_text() == edited
+    generate("gpt_oss", "transformers", tmp_path, force=True)
+    assert "# my tuning note" not in runner.read_text()
+
+
+def test_unedited_files_are_rewritten_and_identical_ones_left_alone(tmp_path):
+    assert len(generate("gpt_oss", "transformers", tmp_path)) == len(GPT_OSS_FILES)
+    assert generate("gpt_oss", "transformers", tmp_path) == []
+
+
+def test_unwritable_output_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ScaffoldError, match="cannot write under"):
+        generate("gpt_oss", "transformers", blocker)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,9 @@ from transformers import AutoTokenizer, PreTrainedConfig
 from transformers.initialization import no_init_weights
 
 from core.backends import select_backend
+from core.distributed import LaunchEnvironment, check_parallel_config, init_parallel_groups
 from core.errors import CheckpointError, SettingsError
+from core.layers import check_partitions
 from core.settings import is_placeholder_path, validate_runner_settings
 from core.timing import GenerationTiming, StepTimer
 from core.weights import SafetensorsCheckpoint, load_checkpoint_into
@@ -79,27 +80,22 @@ class ModelRunner:
     def init_device(self) -> None:
         settings = self.runner_settings
         self.backend = select_backend(settings["model_config"]["device"], self.exe_mode)
-        self.global_rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        launched_world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if launched_world_size != self.world_size:
+        launch = LaunchEnvironment.from_torchrun()
+        if launch.world_size != self.world_size:
             raise SettingsError(
-                f"world_size is {self.world_size} in runner_settings but {launched_world_size} processes were "
+                f"world_size is {self.world_size} in runner_settings but {launch.world_size} processes were "
                 f"launched; launch with torchrun --nproc-per-node {self.world_size} or set world_size: "
-                f"{launched_world_size}"
+                f"{launch.world_size}"
             )
-        tp_sizes = {key: size for key, size in settings["parallel_config"].items() if size > 1}
-        if tp_sizes:
-            raise SettingsError(
-                f"this runner supports tensor-parallel size 1 only; got "
-                f"{', '.join(f'parallel_config.{key}: {size}' for key, size in tp_sizes.items())}"
-            )
+        check_parallel_config(settings["parallel_config"], self.world_size)
+        self.global_rank, self.local_rank = launch.rank, launch.local_rank
         if self.enable_weight_nz and self.backend.name != "npu":
             raise SettingsError(
                 f"model_config.enable_weight_nz needs an NPU, but the device is {self.backend.name}; set it to false"
             )
         self.backend.set_device(self.local_rank)
         self.device = self.backend.device(self.local_rank)
+        init_parallel_groups(settings["parallel_config"], launch, self.backend.dist_backend)
         self.backend.manual_seed(self.runner_settings["model_config"]["seed"])
 
     # ------------------------------------------------------------------ model
@@ -159,12 +155,13 @@ class ModelRunner:
             )
         self.model = self._build_model(model_class, config, initialize_weights=False)
         with SafetensorsCheckpoint(rank_path) as checkpoint:
-            load_checkpoint_into(self.model, checkpoint)
+            load_checkpoint_into(self.model, checkpoint, presplit=True)
 
     def _build_model(self, model_class, config, initialize_weights: bool) -> torch.nn.Module:
         init_context = contextlib.nullcontext() if initialize_weights else no_init_weights()
         with init_context:
             model = model_class(config, self.runner_settings)
+        check_partitions(model)
         model.to(self.dtype)
         for name, module in model.named_modules():
             if self._keeps_fp32(model, name):

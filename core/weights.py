@@ -95,8 +95,12 @@ def default_weight_loader(param: torch.Tensor, checkpoint_slice, name: str) -> N
     param.data.copy_(checkpoint_slice[:])
 
 
-def load_checkpoint_into(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint) -> None:
-    """Fill every parameter and persistent buffer of `model` from `checkpoint`; a missing tensor is an error."""
+def load_checkpoint_into(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, presplit: bool = False) -> None:
+    """Fill every parameter and persistent buffer of `model` from `checkpoint`; a missing tensor is an error.
+
+    presplit: the checkpoint already holds this rank's shards (an offline split), so every tensor is copied
+    whole instead of through the parameter's own slicing `weight_loader`.
+    """
     persistent = model.state_dict(keep_vars=True)
     targets = dict(model.named_parameters())
     targets.update((name, buffer) for name, buffer in model.named_buffers() if name in persistent)
@@ -106,7 +110,7 @@ def load_checkpoint_into(model: torch.nn.Module, checkpoint: SafetensorsCheckpoi
         raise CheckpointError(f"checkpoint {checkpoint.folder} lacks tensors the model needs: {shown}")
     with torch.no_grad():
         for name, target in targets.items():
-            loader = getattr(target, "weight_loader", None)
+            loader = None if presplit else getattr(target, "weight_loader", None)
             if loader is None:
                 default_weight_loader(target, checkpoint.get_slice(name), name)
             else:

@@ -7,7 +7,9 @@ from pathlib import Path
 import jinja2
 
 from scaffold import __version__
+from scaffold.format import format_python
 from scaffold.inspect import ModelSpec
+from scaffold.plan import plan_tensor_parallel
 from scaffold.transform import port_modeling_module
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -51,16 +53,17 @@ def port_files(spec: ModelSpec) -> dict[str, str]:
         "transformers_version": spec.source.transformers_version,
         "weights_by_module": _weights_by_module(spec),
     }
-    return {
+    files = {
         "generated_models/__init__.py": '"""Ports written by recipes-scaffold, one package per model."""\n',
         f"generated_models/{name}/__init__.py": env.get_template("package_init.py.j2").render(context),
-        f"generated_models/{name}/modeling_{name}.py": port_modeling_module(spec, prepare_inputs),
+        f"generated_models/{name}/modeling_{name}.py": port_modeling_module(spec, plan_tensor_parallel(spec), prepare_inputs),
         f"generated_models/{name}/runner_{name}.py": env.get_template("runner.py.j2").render(context),
         f"generated_models/{name}/infer.py": env.get_template("infer.py.j2").render(context),
         f"generated_models/{name}/README.md": env.get_template("model_readme.md.j2").render(context),
         f"config/{name}.yaml": env.get_template("config.yaml.j2").render(context),
         f"tests/generated/test_{name}.py": env.get_template("test_model.py.j2").render(context),
     }
+    return {path: format_python(body, path) if path.endswith(".py") else body for path, body in files.items()}
 
 
 def header_lines(spec: ModelSpec, relative_path: str) -> list[str]:

@@ -1,0 +1,26 @@
+"""Tensor-parallel building blocks the generated models use in place of nn.Linear / nn.Embedding / nn.Parameter."""
+
+from core.distributed import all_reduce
+from core.layers.embedding import VocabParallelEmbedding
+from core.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from core.layers.parameter import sharded_parameter
+from core.layers.partition import check_partitions, local_heads
+
+__all__ = [
+    "ColumnParallelLinear",
+    "MergedColumnParallelLinear",
+    "ParallelLMHead",
+    "QKVParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "all_reduce",
+    "check_partitions",
+    "local_heads",
+    "sharded_parameter",
+]

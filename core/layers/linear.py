@@ -1,0 +1,146 @@
+"""Tensor-parallel linear layers. Each parameter carries its own `weight_loader(param, loaded[, shard_id])`
+that reads only this rank's rows or columns from a checkpoint tensor (a lazy safetensors slice or a tensor).
+
+Column layers split the output features (the result stays split); row layers split the input features, sum
+the partial products over the group and add the bias once, after the sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.distributed import get_tp_group
+from core.errors import CheckpointError
+from core.layers.partition import Segment, split_evenly, split_heads, take, tensor_shape
+
+
+class SegmentedColumnLinear(nn.Linear):
+    """A column-parallel linear whose output is one or more segments (q|k|v, gate|up), each split on its own.
+
+    On disk the segments are either fused into one tensor (`shard_id=None`) or stored apart (`shard_id=i`).
+    `interleaved` fused tensors alternate rows of two equal segments (gate0, up0, gate1, …): a rank's rows are
+    then one contiguous block, kept interleaved in memory as the model's code expects.
+    """
+
+    def __init__(self, in_features: int, segments: list[Segment], bias: bool, group: str,
+                 interleaved: bool = False):
+        super().__init__(in_features, sum(segment.local for segment in segments), bias=bias)
+        self.tp_group = get_tp_group(group)
+        self.segments = segments
+        self.interleaved = interleaved
+        self.partition_problem = next((segment.problem for segment in segments if segment.problem), None)
+        for param in self.parameters():
+            param.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id: int | None = None) -> None:
+        expected_rows = sum(s.full for s in self.segments) if shard_id is None else self.segments[shard_id].full
+        rows = tensor_shape(loaded)[0]
+        if rows != expected_rows or tensor_shape(loaded)[1:] != tuple(param.shape[1:]):
+            raise CheckpointError(
+                f"{type(self).__name__}: checkpoint tensor of shape {list(tensor_shape(loaded))} does not fit "
+                f"{expected_rows} output rows x {list(param.shape[1:])}"
+            )
+        if shard_id is not None:
+            offset = sum(s.local for s in self.segments[:shard_id])
+            segment = self.segments[shard_id]
+            param.data[offset : offset + segment.local].copy_(take(loaded, 0, segment.start, segment.local))
+        elif self.interleaved:
+            param.data.copy_(take(loaded, 0, 2 * self.segments[0].start, param.shape[0]))
+        else:
+            disk_offset, offset = 0, 0
+            for segment in self.segments:
+                piece = take(loaded, 0, disk_offset + segment.start, segment.local)
+                param.data[offset : offset + segment.local].copy_(piece)
+                disk_offset += segment.full
+                offset += segment.local
+
+
+class ColumnParallelLinear(SegmentedColumnLinear):
+    """Output features split over `group`; with `num_heads`, split by whole heads (replicated when the group
+    is larger than the head count, as KV heads are under GQA)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group: str = "attn_tp",
+                 num_heads: int | None = None):
+        tp = get_tp_group(group)
+        if num_heads is None:
+            segment = split_evenly(out_features, tp, "output features")
+        else:
+            segment = split_heads(num_heads, out_features // num_heads, tp)
+        super().__init__(in_features, [segment], bias, group)
+
+
+class MergedColumnParallelLinear(SegmentedColumnLinear):
+    """Several column outputs in one matmul (gate|up), each split over `group`."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = True, group: str = "moe_tp",
+                 interleaved: bool = False):
+        tp = get_tp_group(group)
+        if interleaved and len(set(output_sizes)) != 1:
+            raise ValueError(f"interleaved segments must be of equal size, got {output_sizes}")
+        super().__init__(in_features, [split_evenly(size, tp, "output features") for size in output_sizes],
+                         bias, group, interleaved)
+
+
+class QKVParallelLinear(SegmentedColumnLinear):
+    """q|k|v in one matmul: q heads split over `group`, KV heads split or replicated."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = True,
+                 group: str = "attn_tp"):
+        tp = get_tp_group(group)
+        q = split_heads(num_heads, head_dim, tp, "query heads")
+        k = split_heads(num_kv_heads, head_dim, tp, "key/value heads")
+        super().__init__(hidden_size, [q, k, k], bias, group)
+
+
+class RowParallelLinear(nn.Linear):
+    """Input features split over `group` (by whole heads with `num_heads`); partial outputs are summed over
+    the group and the bias is added once, after the sum."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group: str = "attn_tp",
+                 num_heads: int | None = None):
+        tp = get_tp_group(group)
+        if num_heads is None:
+            segment = split_evenly(in_features, tp, "input features")
+        else:
+            segment = split_heads(num_heads, in_features // num_heads, tp)
+            if tp.size > num_heads and segment.problem is None:
+                segment = Segment(segment.full, 0, segment.local,
+                                  f"{num_heads} heads cannot be split over {tp.name}_size {tp.size}")
+        super().__init__(segment.local, out_features, bias=bias)
+        self.tp_group = tp
+        self.segment = segment
+        self.partition_problem = segment.problem
+        self.weight.weight_loader = self.weight_loader
+        if self.bias is not None:
+            self.bias.weight_loader = self.bias_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded) -> None:
+        expected = (self.out_features, self.segment.full)
+        if tensor_shape(loaded) != expected:
+            raise CheckpointError(f"RowParallelLinear: checkpoint tensor of shape {list(tensor_shape(loaded))} "
+                                  f"does not fit {list(expected)}")
+        param.data.copy_(take(loaded, 1, self.segment.start, self.segment.local))
+
+    def bias_loader(self, param: nn.Parameter, loaded) -> None:
+        if tensor_shape(loaded) != tuple(param.shape):
+            raise CheckpointError(f"RowParallelLinear: bias of shape {list(tensor_shape(loaded))} does not fit "
+                                  f"{list(param.shape)}")
+        param.data.copy_(loaded[:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_group.size == 1:
+            return F.linear(x, self.weight, self.bias)
+        output = self.tp_group.all_reduce(F.linear(x, self.weight))
+        return output if self.bias is None else output + self.bias
+
+
+class ParallelLMHead(ColumnParallelLinear):
+    """Vocabulary split over `group`; every rank gets the full logits (gathered)."""
+
+    def __init__(self, in_features: int, vocab_size: int, bias: bool = False, group: str = "lmhead_tp"):
+        super().__init__(in_features, vocab_size, bias=bias, group=group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp_group.all_gather(super().forward(x), dim=-1)

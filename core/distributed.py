@@ -7,6 +7,7 @@ shards over and nothing else.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ def check_parallel_config(parallel_config: dict[str, int], world_size: int) -> N
 def init_parallel_groups(parallel_config: dict[str, int], launch: LaunchEnvironment, backend: str) -> None:
     if launch.world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size)
+        atexit.register(dist.destroy_process_group)
     _groups.clear()
     for name in GROUP_NAMES:
         size = parallel_config[f"{name}_size"]

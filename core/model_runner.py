@@ -50,7 +50,28 @@ class GenerationResult:
         }
 
 
+def read_hf_config(model_path: Path, config_class: type[PreTrainedConfig]) -> PreTrainedConfig:
+    """The checkpoint's config.json as `config_class`; a checkpoint of another architecture is an error."""
+    config_file = model_path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} does not exist; model_path must be a Hugging Face model folder")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_file} is not valid JSON: {error}") from None
+    if model_type != config_class.model_type:
+        raise CheckpointError(
+            f"{config_file} describes a '{model_type}' model but this port is for '{config_class.model_type}'"
+        )
+    return config_class.from_pretrained(model_path)
+
+
 class ModelRunner:
+    """Subclasses set `model_class` (built as `model_class(config, runner_settings)`) and `config_class`."""
+
+    model_class: type[torch.nn.Module]
+    config_class: type[PreTrainedConfig]
+
     def __init__(self, runner_settings: dict[str, Any]):
         self.runner_settings = validate_runner_settings(runner_settings)
         settings = self.runner_settings
@@ -99,17 +120,17 @@ class ModelRunner:
         self.backend.manual_seed(self.runner_settings["model_config"]["seed"])
 
     # ------------------------------------------------------------------ model
-    def init_model(self, model_class: type[torch.nn.Module], config_class: type[PreTrainedConfig]) -> None:
+    def init_model(self) -> None:
         """Build `model_class(config, runner_settings)` with weights, ready to generate."""
-        config = self.load_hf_config(config_class)
+        config = self.load_hf_config(self.config_class)
         self._verify_quantization(self._parse_quant_hf_config(config))
         self._check_sequence_budget(config)
         if not self.with_ckpt:
-            self.model = self._build_model(model_class, config, initialize_weights=True)
+            self.model = self._build_model(config, initialize_weights=True)
         elif self.enable_online_split_weight:
-            self._init_model_with_online_splited_weight(model_class, config)
+            self._init_model_with_online_splited_weight(config)
         else:
-            self._init_model_with_offline_splited_weight(model_class, config)
+            self._init_model_with_offline_splited_weight(config)
         self._process_weight_after_loading()
         self.graph_compile()
         self.init_tokenizer()
@@ -119,18 +140,7 @@ class ModelRunner:
             raise SettingsError(
                 f"model_path is still the placeholder '{self.model_path}'; set it in the YAML or pass --model-path"
             )
-        config_file = self.model_path / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError(f"{config_file} does not exist; model_path must be a Hugging Face model folder")
-        try:
-            model_type = json.loads(config_file.read_text()).get("model_type")
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{config_file} is not valid JSON: {error}") from None
-        if model_type != config_class.model_type:
-            raise CheckpointError(
-                f"{config_file} describes a '{model_type}' model but this port is for '{config_class.model_type}'"
-            )
-        return config_class.from_pretrained(self.model_path)
+        return read_hf_config(self.model_path, config_class)
 
     def _check_sequence_budget(self, config: PreTrainedConfig) -> None:
         limit = self.max_position_embeddings or getattr(config, "max_position_embeddings", None)
@@ -141,26 +151,28 @@ class ModelRunner:
                 f"lower one of them"
             )
 
-    def _init_model_with_online_splited_weight(self, model_class, config) -> None:
-        self.model = self._build_model(model_class, config, initialize_weights=False)
+    def _init_model_with_online_splited_weight(self, config: PreTrainedConfig) -> None:
+        self.model = self._build_model(config, initialize_weights=False)
         with SafetensorsCheckpoint(self.model_path) as checkpoint:
             load_checkpoint_into(self.model, checkpoint)
 
-    def _init_model_with_offline_splited_weight(self, model_class, config) -> None:
+    def _init_model_with_offline_splited_weight(self, config: PreTrainedConfig) -> None:
         rank_path = self.model_path / f"rank_{self.global_rank}"
         if not rank_path.is_dir():
             raise CheckpointError(
                 f"enable_online_split_weight is false, so the runner expects offline-split weights in {rank_path}, "
                 f"which does not exist; set enable_online_split_weight: true to read {self.model_path} directly"
             )
-        self.model = self._build_model(model_class, config, initialize_weights=False)
+        self.model = self._build_model(config, initialize_weights=False)
         with SafetensorsCheckpoint(rank_path) as checkpoint:
             load_checkpoint_into(self.model, checkpoint, presplit=True)
 
-    def _build_model(self, model_class, config, initialize_weights: bool) -> torch.nn.Module:
+    def _build_model(self, config: PreTrainedConfig, initialize_weights: bool) -> torch.nn.Module:
+        """This rank's model (parallel layers allocate only their shards); sizes that TP cannot split are an
+        error here, before any weight is read."""
         init_context = contextlib.nullcontext() if initialize_weights else no_init_weights()
         with init_context:
-            model = model_class(config, self.runner_settings)
+            model = self.model_class(config, self.runner_settings)
         check_partitions(model)
         model.to(self.dtype)
         for name, module in model.named_modules():

@@ -14,9 +14,6 @@ from scaffold.locate import locate_transformers_model
 from scaffold.render import header_lines, port_files
 from scaffold.write import stamp, write_files
 
-SUBCOMMANDS = ("tiny-checkpoint",)
-
-
 def generate(model: str, source: str, out: Path, force: bool = False) -> list[Path]:
     if source != "transformers":
         raise ScaffoldError(f"--from {source!r} is not supported yet; use --from transformers")
@@ -30,7 +27,8 @@ def _scaffold_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recipes-scaffold",
         description="Write a runner_settings-aware port of a Hugging Face causal LM onto the core ModelRunner.",
-        epilog="Also: recipes-scaffold tiny-checkpoint MODEL_TYPE --out DIR (a tiny random checkpoint to try a port)",
+        epilog="Also: `recipes-scaffold split-weights --config YAML --out DIR` (per-rank shards for offline split) "
+        "and `recipes-scaffold tiny-checkpoint MODEL_TYPE --out DIR` (a tiny random checkpoint to try a port).",
     )
     parser.add_argument("model", help="model name as in transformers/models/, e.g. gpt_oss")
     parser.add_argument("--from", dest="source", default="transformers", help="where the model's code comes from")
@@ -53,6 +51,10 @@ def _tiny_checkpoint_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "split-weights":
+        from core.split import main as split_main
+
+        return split_main(argv[1:])
     if argv and argv[0] == "tiny-checkpoint":
         args = _tiny_checkpoint_parser().parse_args(argv[1:])
         from scaffold.verify import build_tiny_checkpoint

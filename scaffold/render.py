@@ -9,7 +9,7 @@ import jinja2
 from scaffold import __version__
 from scaffold.format import format_python
 from scaffold.inspect import ModelSpec
-from scaffold.plan import plan_tensor_parallel
+from scaffold.plan import TensorParallelPlan, plan_tensor_parallel
 from scaffold.transform import port_modeling_module
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -43,6 +43,7 @@ def port_files(spec: ModelSpec) -> dict[str, str]:
     forward_params = spec.classes[spec.causal_lm_class].forward_params
     forward_inputs = [(key, value) for key, value in FORWARD_INPUTS if key in forward_params]
     prepare_inputs = env.get_template("prepare_inputs.py.j2").render(forward_inputs=forward_inputs)
+    plan = plan_tensor_parallel(spec)
     context = {
         "name": name,
         "model_type": spec.model_type,
@@ -51,12 +52,12 @@ def port_files(spec: ModelSpec) -> dict[str, str]:
         "runner_class": f"{spec.camel_name}Runner",
         "modeling_source": spec.source.display_modeling,
         "transformers_version": spec.source.transformers_version,
-        "weights_by_module": _weights_by_module(spec),
+        "weights_by_module": _weights_by_module(spec, plan),
     }
     files = {
         "generated_models/__init__.py": '"""Ports written by recipes-scaffold, one package per model."""\n',
         f"generated_models/{name}/__init__.py": env.get_template("package_init.py.j2").render(context),
-        f"generated_models/{name}/modeling_{name}.py": port_modeling_module(spec, plan_tensor_parallel(spec), prepare_inputs),
+        f"generated_models/{name}/modeling_{name}.py": port_modeling_module(spec, plan, prepare_inputs),
         f"generated_models/{name}/runner_{name}.py": env.get_template("runner.py.j2").render(context),
         f"generated_models/{name}/infer.py": env.get_template("infer.py.j2").render(context),
         f"generated_models/{name}/README.md": env.get_template("model_readme.md.j2").render(context),
@@ -80,10 +81,14 @@ def header_lines(spec: ModelSpec, relative_path: str) -> list[str]:
     ]
 
 
-def _weights_by_module(spec: ModelSpec) -> list[tuple[str, str]]:
+def _weights_by_module(spec: ModelSpec, plan: TensorParallelPlan) -> list[tuple[str, str]]:
     rows = []
     for class_name, class_spec in spec.classes.items():
-        if class_spec.weights:
-            described = ", ".join(f"`{weight.attribute}` ({weight.kind})" for weight in class_spec.weights)
-            rows.append((class_name, described))
+        described = []
+        for weight in class_spec.weights:
+            role = plan.role_of(class_name, weight.attribute)
+            where = f" over {role.group}" if role.group else ""
+            described.append(f"`{weight.attribute}` ({weight.kind}): {role.role}{where}")
+        if described:
+            rows.append((class_name, ", ".join(described)))
     return rows

@@ -8,6 +8,14 @@ reduction order may flip).
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +24,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from core.model_runner import ModelRunner
+from core.split import split_checkpoint
 from scaffold.tiny import build_tiny_checkpoint
 
-__all__ = ["DEFAULT_PROMPTS", "VerifyReport", "build_tiny_checkpoint", "hf_reference", "verify_port"]
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "VerifyReport",
+    "build_tiny_checkpoint",
+    "hf_reference",
+    "verify_port",
+    "verify_port_distributed",
+]
 
 DEFAULT_PROMPTS = (
     "Hello",
@@ -43,6 +59,8 @@ class VerifyReport:
     tolerance: float
     max_abs_logit_diff: float
     mismatches: list[Mismatch] = field(default_factory=list)
+    world_size: int = 1
+    parameter_bytes_per_rank: int = 0
 
     @property
     def near_ties(self) -> list[Mismatch]:
@@ -52,10 +70,20 @@ class VerifyReport:
     def passed(self) -> bool:
         return self.max_abs_logit_diff <= self.tolerance and len(self.near_ties) == len(self.mismatches)
 
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "passed": self.passed}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "VerifyReport":
+        fields = {key: value for key, value in data.items() if key != "passed"}
+        fields["mismatches"] = [Mismatch(**mismatch) for mismatch in fields["mismatches"]]
+        return cls(**fields)
+
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         lines = [
-            f"{verdict}: {self.rows} prompts x {self.steps} steps; teacher-forced logits max |port - HF| = "
+            f"{verdict} at TP={self.world_size} ({self.parameter_bytes_per_rank} parameter bytes per rank): "
+            f"{self.rows} prompts x {self.steps} steps; teacher-forced logits max |port - HF| = "
             f"{self.max_abs_logit_diff:.3e} (tolerance {self.tolerance:.0e}); greedy tokens differ in "
             f"{len(self.mismatches)} rows, {len(self.near_ties)} of them at HF near-ties"
         ]
@@ -118,7 +146,65 @@ def verify_port(
             step = int(differing[0])
             mismatches.append(Mismatch(row, step, int(hf_tokens[row, step]), int(port_tokens[row, step]),
                                        float(gaps[row, step])))
-    return VerifyReport(len(prompts), max_new_tokens, tolerance, max_abs_diff, mismatches)
+    parameter_bytes = sum(param.numel() * param.element_size() for param in runner.model.parameters())
+    return VerifyReport(len(prompts), max_new_tokens, tolerance, max_abs_diff, mismatches, runner.world_size,
+                        parameter_bytes)
+
+
+def verify_port_distributed(
+    runner_path: str,
+    checkpoint: str | Path,
+    world_size: int = 2,
+    offline_split_dir: Path | None = None,
+    timeout_s: float = 600,
+) -> VerifyReport:
+    """`verify_port` at TP=`world_size`: torchrun starts the ranks (gloo on CPU), rank 0 reports.
+
+    runner_path: "package.module:RunnerClass". offline_split_dir: split the checkpoint there first and have the
+    ranks read their rank_{i} folders (enable_online_split_weight: false) instead of slicing the original.
+    """
+    overrides: dict[str, Any] = {
+        "world_size": world_size,
+        "parallel_config": {f"{group}_size": world_size for group in ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")},
+    }
+    if offline_split_dir is not None:
+        runner_class = _import_runner(runner_path)
+        base = _verification_settings(runner_class, Path(checkpoint), len(DEFAULT_PROMPTS), 24, overrides)
+        split_checkpoint(runner_class, base, offline_split_dir, show_progress=False)
+        overrides["model_path"] = str(offline_split_dir)
+        overrides["model_config"] = {"enable_online_split_weight": False}
+    with tempfile.TemporaryDirectory() as scratch:
+        report_path = Path(scratch) / "report.json"
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+            "-m", "scaffold.verify", "--runner", runner_path, "--checkpoint", str(checkpoint),
+            "--overrides", json.dumps(overrides), "--json", str(report_path),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if result.returncode != 0 or not report_path.exists():
+            raise RuntimeError(f"torchrun verification failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+        return VerifyReport.from_json(json.loads(report_path.read_text()))
+
+
+def _import_runner(runner_path: str) -> type[ModelRunner]:
+    module_name, _, class_name = runner_path.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Verify a port against HF eager (run under torchrun for TP>1).")
+    parser.add_argument("--runner", required=True, help="package.module:RunnerClass")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="the HF checkpoint both sides load")
+    parser.add_argument("--overrides", default="{}", help="runner_settings overrides, as JSON")
+    parser.add_argument("--json", type=Path, help="rank 0 writes the report here")
+    args = parser.parse_args(argv)
+    report = verify_port(_import_runner(args.runner), args.checkpoint, settings_overrides=json.loads(args.overrides))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(report.summary())
+        if args.json:
+            args.json.write_text(json.dumps(report.to_json(), indent=2))
+    return 0 if report.passed else 1
 
 
 def _verification_settings(runner_class, checkpoint: Path, batch_size: int, max_new_tokens: int,
@@ -134,3 +220,7 @@ def _verification_settings(runner_class, checkpoint: Path, batch_size: int, max_
     for key, value in overrides.items():
         settings.setdefault(key, {}).update(value) if isinstance(value, dict) else settings.update({key: value})
     return settings
+
+
+if __name__ == "__main__":
+    sys.exit(main())

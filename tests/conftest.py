@@ -6,6 +6,20 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+_MEASUREMENTS: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def measurements() -> list[str]:
+    """Lines a test wants in the run's output (sizes, ratios, diffs): printed after the test summary."""
+    return _MEASUREMENTS
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _MEASUREMENTS:
+        terminalreporter.section("measurements")
+        for line in _MEASUREMENTS:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

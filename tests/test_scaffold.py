@@ -50,9 +50,10 @@ def test_generated_port_threads_runner_settings_and_prepares_inputs(tmp_path):
     assert "def prepare_inputs_for_generation(self, input_ids, attention_mask, past_key_values" in modeling
     assert "from ..." not in modeling and "GptOssForSequenceClassification" not in modeling
     runner = (tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py").read_text()
-    for method in ("init_model", "model_generate", "model_input_prepare", "model_output_process"):
+    for method in ("model_generate", "model_input_prepare", "model_output_process"):
         assert f"def {method}(" in runner
     assert "class GptOssRunner(ModelRunner):" in runner
+    assert "model_class = GptOssForCausalLM" in runner and "config_class = GptOssConfig" in runner
 
 
 def test_generator_parses_but_never_imports_the_model_source(tmp_path):

@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import AutoTokenizer, PreTrainedConfig
@@ -23,6 +24,7 @@ from transformers.initialization import no_init_weights
 from core.backends import select_backend
 from core.distributed import LaunchEnvironment, check_parallel_config, init_parallel_groups
 from core.errors import CheckpointError, SettingsError
+from core.kv_cache import StaticKVCache
 from core.layers import check_partitions
 from core.settings import is_placeholder_path, validate_runner_settings
 from core.timing import GenerationTiming, StepTimer
@@ -31,6 +33,11 @@ from core.weights import SafetensorsCheckpoint, load_checkpoint_into
 logger = logging.getLogger(__name__)
 
 SUPPORTED_QUANTIZATION: tuple[str, ...] = ()
+
+
+def compiled_frames() -> int:
+    """How many frames torch.compile has compiled in this process (each recompilation adds one)."""
+    return torch._dynamo.utils.counters["frames"]["ok"]
 
 
 @dataclass
@@ -93,8 +100,9 @@ class ModelRunner:
         self.max_position_embeddings: int | None = data_config["max_position_embeddings"]
         self.result_path = Path("results") / self.model_name
         self.model: torch.nn.Module | None = None
-        self.model_forward = None
+        self.prefill_forward = self.decode_forward = None
         self.tokenizer = None
+        self._kv_caches: dict[int, StaticKVCache] = {}
         self.init_device()
 
     # ------------------------------------------------------------------ device
@@ -208,7 +216,10 @@ class ModelRunner:
             self.backend.cast_weight_format(self.model)
 
     def graph_compile(self) -> None:
-        self.model_forward = self.backend.compile(self.model.forward, self.exe_mode)
+        """Prefill and decode get their own compiled callables: decode has one fixed shape for every step;
+        prefill is padded to a few bucket lengths (see `prefill_length`), one graph each."""
+        self.prefill_forward = self.backend.compile(self.model.forward, self.exe_mode)
+        self.decode_forward = self.backend.compile(self.model.forward, self.exe_mode)
 
     def _parse_quant_hf_config(self, config: PreTrainedConfig) -> str | None:
         quantization_config = getattr(config, "quantization_config", None)
@@ -262,6 +273,49 @@ class ModelRunner:
         return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
 
     # ------------------------------------------------------------------ generation
+    def prefill_length(self, prompt_length: int) -> int:
+        """Graph modes pad prompts (on the left, masked, so exactly) to a power-of-two bucket of at least 16,
+        capped at input_max_len: at most log2(input_max_len) prefill graphs are ever compiled, and NPU graph
+        modes need static shapes anyway. Eager runs the prompt at its own length."""
+        if self.exe_mode == "eager":
+            return prompt_length
+        bucket = 16
+        while bucket < prompt_length:
+            bucket *= 2
+        return min(bucket, self.input_max_len)
+
+    def kv_cache_for(self, batch_size: int) -> StaticKVCache:
+        """One static cache per batch size, input_max_len + max_new_tokens slots, kept across calls: its fixed
+        buffers are what lets a compiled decode graph be reused."""
+        if batch_size not in self._kv_caches:
+            dtype = next(self.model.parameters()).dtype
+            self._kv_caches[batch_size] = StaticKVCache.for_model(
+                self.model.config, batch_size, self.input_max_len + self.max_new_tokens, dtype, self.device
+            )
+        return self._kv_caches[batch_size]
+
+    def prompt_input_dict(self, prompts: list[str]) -> dict[str, Any]:
+        """The first step's inputs: left-padded prompt tokens, the cache-slot attention mask, each row's
+        positions (counting only its real tokens), the slots to write, and the static KV cache."""
+        batch = self.tokenize_prompts(prompts)
+        input_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+        length = self.prefill_length(input_ids.shape[1])
+        extra = length - input_ids.shape[1]
+        if extra:
+            input_ids = torch.nn.functional.pad(input_ids, (extra, 0), value=self.tokenizer.pad_token_id)
+            prompt_mask = torch.nn.functional.pad(prompt_mask, (extra, 0), value=0)
+        cache = self.kv_cache_for(input_ids.shape[0])
+        attention_mask = torch.zeros(input_ids.shape[0], cache.max_len, dtype=torch.long, device=self.device)
+        attention_mask[:, :length] = prompt_mask
+        position_ids = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "cache_position": torch.arange(length, device=self.device),
+            "past_key_values": cache,
+        }
+
     def model_generate(self, prompts: list[str], **options) -> GenerationResult:
         raise NotImplementedError(f"{type(self).__name__} must implement model_generate")
 
@@ -282,15 +336,19 @@ class ModelRunner:
 
     def model_inference(self, model_inputs: dict[str, Any]) -> torch.Tensor:
         """Run one forward step; return the logits of each row's last position, [batch, vocab]."""
-        self.mark_inputs(model_inputs)
+        decoding = model_inputs["input_ids"].shape[1] == 1
+        if decoding:
+            self.mark_inputs(model_inputs)
+        forward = self.decode_forward if decoding else self.prefill_forward
         with torch.inference_mode():
-            outputs = self.model_forward(**model_inputs)
+            outputs = forward(**model_inputs)
         return outputs.logits[:, -1, :]
 
     def get_jump_flag(self, step: int, max_new_tokens: int, finished: torch.Tensor) -> bool:
         return step >= max_new_tokens or bool(finished.all())
 
     def define_profiler(self) -> contextlib.AbstractContextManager:
+        """A trace of the measured run (prefill and decode steps labelled) under result_path/profiler/."""
         if not self.enable_profiler:
             return contextlib.nullcontext()
         return self.backend.profiler(self.result_path / "profiler")
@@ -298,18 +356,45 @@ class ModelRunner:
     def run_decode_loop(
         self,
         prompts: list[str],
-        input_dict: dict[str, Any],
+        build_input_dict: Callable[[list[str]], dict[str, Any]],
         max_new_tokens: int | None = None,
         teacher_tokens: torch.Tensor | None = None,
         ignore_eos: bool = False,
         keep_logits: bool = False,
+        warm_up: bool = False,
     ) -> GenerationResult:
-        """Greedy generation from `input_dict`.
+        """Greedy generation for `prompts`, starting from `build_input_dict(prompts)`.
 
+        warm_up: generate once first (compiling every graph the run needs), then measure a second run, which
+        must compile nothing: `timing["recompiles_after_warmup"]` counts what it did compile.
         teacher_tokens ([batch, steps]) feeds given tokens instead of the argmax (teacher forcing, for
         verification); keep_logits keeps each step's last-position logits on the CPU in float32.
         """
         max_new_tokens = max_new_tokens or self.max_new_tokens
+        if max_new_tokens > self.max_new_tokens:
+            raise SettingsError(
+                f"{max_new_tokens} new tokens asked for, but the KV cache is sized for data_config.max_new_tokens "
+                f"{self.max_new_tokens}"
+            )
+        compile_seconds = 0.0
+        if warm_up:
+            started = time.perf_counter()
+            self._decode(build_input_dict(prompts), max_new_tokens, teacher_tokens, ignore_eos, False, False)
+            compile_seconds = time.perf_counter() - started
+        frames_before = compiled_frames()
+        token_rows, step_logits, timing = self._decode(
+            build_input_dict(prompts), max_new_tokens, teacher_tokens, ignore_eos, keep_logits, self.enable_profiler
+        )
+        summary = {**timing.summary(), "compile_s": round(compile_seconds, 3),
+                   "recompiles_after_warmup": compiled_frames() - frames_before}
+        output_token_ids = [self._strip_after_eos(row, ignore_eos) for row in token_rows]
+        outputs = self.tokenizer.batch_decode(output_token_ids, skip_special_tokens=True)
+        logger.info("%s | compile (warm-up) %.2f s | recompiles after warm-up: %d", timing.report(),
+                    compile_seconds, summary["recompiles_after_warmup"])
+        return GenerationResult(prompts, outputs, output_token_ids, summary, step_logits)
+
+    def _decode(self, input_dict: dict[str, Any], max_new_tokens: int, teacher_tokens: torch.Tensor | None,
+                ignore_eos: bool, keep_logits: bool, profile: bool):
         batch_size = input_dict["input_ids"].shape[0]
         eos_ids = torch.tensor(self._eos_token_ids(), device=self.device)
         pad_id = self.tokenizer.pad_token_id
@@ -318,9 +403,10 @@ class ModelRunner:
         step_logits: list[torch.Tensor] = []
         timing = GenerationTiming(batch_size=batch_size)
         step = 0
-        with self.define_profiler():
+        with self.define_profiler() if profile else contextlib.nullcontext():
             while not self.get_jump_flag(step, max_new_tokens, finished):
-                with StepTimer(self.backend.synchronize) as timer:
+                with StepTimer(self.backend.synchronize) as timer, \
+                        torch.profiler.record_function("prefill" if step == 0 else "decode"):
                     model_inputs = self.model_input_prepare(input_dict)
                     logits = self.model_inference(model_inputs)
                     next_tokens = logits.argmax(dim=-1) if teacher_tokens is None else teacher_tokens[:, step]
@@ -336,11 +422,7 @@ class ModelRunner:
                 if not ignore_eos:
                     finished |= torch.isin(next_tokens, eos_ids)
                 step += 1
-        token_rows = torch.stack(generated, dim=1).tolist()
-        output_token_ids = [self._strip_after_eos(row, ignore_eos) for row in token_rows]
-        outputs = self.tokenizer.batch_decode(output_token_ids, skip_special_tokens=True)
-        logger.info("%s", timing.report())
-        return GenerationResult(prompts, outputs, output_token_ids, timing.summary(), step_logits)
+        return torch.stack(generated, dim=1).tolist(), step_logits, timing
 
     def _eos_token_ids(self) -> list[int]:
         eos = self.model.config.eos_token_id

@@ -18,12 +18,13 @@ TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 # those the model's forward() does not accept are left out.
 FORWARD_INPUTS = (
     ("input_ids", "input_ids"),
-    ("attention_mask", "attention_mask"),
-    ("position_ids", "position_ids[:, -input_ids.shape[1] :]"),
+    ("attention_mask", "masks_for_model(self.config, attention_mask, cache_position, self.dtype)"),
+    ("position_ids", "position_ids"),
     ("past_key_values", "past_key_values"),
     ("use_cache", "True"),
     ("logits_to_keep", "1"),
 )
+PREPARE_INPUTS_IMPORTS = (("core.attention_mask", "masks_for_model"),)
 
 
 def _environment() -> jinja2.Environment:
@@ -57,7 +58,7 @@ def port_files(spec: ModelSpec) -> dict[str, str]:
     files = {
         "generated_models/__init__.py": '"""Ports written by recipes-scaffold, one package per model."""\n',
         f"generated_models/{name}/__init__.py": env.get_template("package_init.py.j2").render(context),
-        f"generated_models/{name}/modeling_{name}.py": port_modeling_module(spec, plan, prepare_inputs),
+        f"generated_models/{name}/modeling_{name}.py": port_modeling_module(spec, plan, prepare_inputs, PREPARE_INPUTS_IMPORTS),
         f"generated_models/{name}/runner_{name}.py": env.get_template("runner.py.j2").render(context),
         f"generated_models/{name}/infer.py": env.get_template("infer.py.j2").render(context),
         f"generated_models/{name}/README.md": env.get_template("model_readme.md.j2").render(context),

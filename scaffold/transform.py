@@ -228,20 +228,25 @@ class _ThreadRunnerSettings(cst.CSTTransformer):
 
 class AddMethodCommand(CodemodCommand):
     """Insert a method, given as source, into a top-level class right after its `__init__` (replacing a
-    method of the same name)."""
+    method of the same name), with the imports (module, name) it needs."""
 
     DESCRIPTION = "Add a method to a class."
 
-    def __init__(self, context: CodemodContext, class_name: str, method: cst.FunctionDef):
+    def __init__(self, context: CodemodContext, class_name: str, method: cst.FunctionDef,
+                 imports: tuple[tuple[str, str], ...] = ()):
         super().__init__(context)
         self.class_name = class_name
         self.method = method
+        self.imports = imports
 
     def transform_module_impl(self, tree: cst.Module) -> cst.Module:
-        return tree.with_changes(body=[
+        tree = tree.with_changes(body=[
             self._add_to(statement) if _defined_name(statement) == self.class_name else statement
             for statement in tree.body
         ])
+        for module in sorted({module for module, _ in self.imports}):
+            tree = _import_after_last_import(tree, module, sorted(name for m_, name in self.imports if m_ == module))
+        return tree
 
     def _add_to(self, updated_node: cst.ClassDef) -> cst.ClassDef:
         body = list(updated_node.body.body)
@@ -464,7 +469,8 @@ def method_from_template(class_source: str) -> cst.FunctionDef:
     return next(item for item in template_class.body.body if isinstance(item, cst.FunctionDef))
 
 
-def port_modeling_module(spec: ModelSpec, plan: TensorParallelPlan, prepare_inputs_source: str) -> str:
+def port_modeling_module(spec: ModelSpec, plan: TensorParallelPlan, prepare_inputs_source: str,
+                         prepare_inputs_imports: tuple[tuple[str, str], ...]) -> str:
     commands = (
         ReplaceHeaderCommand(CodemodContext()),
         AbsoluteImportsCommand(CodemodContext(), spec.source.package),
@@ -472,7 +478,8 @@ def port_modeling_module(spec: ModelSpec, plan: TensorParallelPlan, prepare_inpu
         PruneToCausalLMCommand(CodemodContext(), spec.causal_lm_class),
         ThreadRunnerSettingsCommand(CodemodContext(), spec),
         ApplyTensorParallelPlanCommand(CodemodContext(), spec, plan),
-        AddMethodCommand(CodemodContext(), spec.causal_lm_class, method_from_template(prepare_inputs_source)),
+        AddMethodCommand(CodemodContext(), spec.causal_lm_class, method_from_template(prepare_inputs_source),
+                         prepare_inputs_imports),
     )
     module = spec.modeling
     for command in commands:

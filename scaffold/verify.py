@@ -61,6 +61,8 @@ class VerifyReport:
     mismatches: list[Mismatch] = field(default_factory=list)
     world_size: int = 1
     parameter_bytes_per_rank: int = 0
+    exe_mode: str = "eager"
+    recompiles_after_warmup: int = 0
 
     @property
     def near_ties(self) -> list[Mismatch]:
@@ -68,7 +70,11 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_logit_diff <= self.tolerance and len(self.near_ties) == len(self.mismatches)
+        return (
+            self.max_abs_logit_diff <= self.tolerance
+            and len(self.near_ties) == len(self.mismatches)
+            and self.recompiles_after_warmup == 0
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "passed": self.passed}
@@ -82,7 +88,9 @@ class VerifyReport:
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         lines = [
-            f"{verdict} at TP={self.world_size} ({self.parameter_bytes_per_rank} parameter bytes per rank): "
+            f"{verdict} at TP={self.world_size}, {self.exe_mode} "
+            f"({self.parameter_bytes_per_rank} parameter bytes per rank, "
+            f"{self.recompiles_after_warmup} recompiles after warm-up): "
             f"{self.rows} prompts x {self.steps} steps; teacher-forced logits max |port - HF| = "
             f"{self.max_abs_logit_diff:.3e} (tolerance {self.tolerance:.0e}); greedy tokens differ in "
             f"{len(self.mismatches)} rows, {len(self.near_ties)} of them at HF near-ties"
@@ -122,20 +130,23 @@ def verify_port(
     max_new_tokens: int = 24,
     tolerance: float = 1e-4,
     settings_overrides: dict[str, Any] | None = None,
+    exe_mode: str = "eager",
 ) -> VerifyReport:
+    """In a graph mode the teacher-forced run compiles every graph; the free run then warms up once more and
+    must recompile nothing."""
     checkpoint = Path(checkpoint)
     prompts = list(prompts)
     hf_tokens, hf_logits = hf_reference(checkpoint, prompts, max_new_tokens)
 
-    runner = runner_class(_verification_settings(runner_class, checkpoint, len(prompts), max_new_tokens,
-                                                 settings_overrides or {}))
+    overrides = {"exe_mode": exe_mode, **(settings_overrides or {})}
+    runner = runner_class(_verification_settings(runner_class, checkpoint, len(prompts), max_new_tokens, overrides))
     runner.init_model()
     forced = runner.model_generate(prompts, teacher_tokens=hf_tokens.to(runner.device), ignore_eos=True,
                                    keep_logits=True)
     port_logits = torch.stack(forced.step_logits, dim=1)
     max_abs_diff = (port_logits - hf_logits).abs().max().item()
 
-    free = runner.model_generate(prompts, ignore_eos=True)
+    free = runner.model_generate(prompts, ignore_eos=True, warm_up=exe_mode != "eager")
     port_tokens = torch.tensor(free.output_token_ids)
     top2 = hf_logits.topk(2, dim=-1).values
     gaps = top2[..., 0] - top2[..., 1]
@@ -148,7 +159,7 @@ def verify_port(
                                        float(gaps[row, step])))
     parameter_bytes = sum(param.numel() * param.element_size() for param in runner.model.parameters())
     return VerifyReport(len(prompts), max_new_tokens, tolerance, max_abs_diff, mismatches, runner.world_size,
-                        parameter_bytes)
+                        parameter_bytes, exe_mode, free.timing["recompiles_after_warmup"])
 
 
 def verify_port_distributed(

@@ -7,12 +7,13 @@ from scaffold.verify import verify_port
 
 
 class IgnoresPaddingRunner(GptOssRunner):
-    """Drops the attention mask: left padding leaks into attention."""
+    """Marks the prompt's padding slots as real tokens: left padding leaks into attention."""
 
     def model_input_prepare(self, input_dict):
-        model_inputs = super().model_input_prepare(input_dict)
-        model_inputs["attention_mask"] = torch.ones_like(model_inputs["attention_mask"])
-        return model_inputs
+        prompt_length = input_dict["input_ids"].shape[1]
+        if prompt_length > 1:
+            input_dict["attention_mask"][:, :prompt_length] = 1
+        return super().model_input_prepare(input_dict)
 
 
 class OffByOnePositionsRunner(GptOssRunner):

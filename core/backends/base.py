@@ -9,6 +9,9 @@ from typing import Callable, ClassVar
 import torch
 
 
+MAX_GRAPHS_PER_FORWARD = 32
+
+
 class DeviceBackend:
     name: ClassVar[str]
     exe_modes: ClassVar[tuple[str, ...]]
@@ -37,6 +40,8 @@ class DeviceBackend:
         """Wrap a model forward for `exe_mode`; eager returns it unchanged."""
         if exe_mode == "eager":
             return forward
+        # Prefill buckets and the decode step are separate graphs of the same forward: room for all of them.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, MAX_GRAPHS_PER_FORWARD)
         return self._compile_graph(forward, exe_mode)
 
     def _compile_graph(self, forward: Callable, exe_mode: str) -> Callable:

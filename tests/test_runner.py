@@ -135,7 +135,7 @@ def test_infer_entry_prints_and_writes_json(tiny_gpt_oss, tmp_path):
         "--output-json", str(output),
     )
     assert result.returncode == 0, result.stderr
-    assert "timing: prefill" in result.stdout and "tokens/s" in result.stdout
+    assert "timing (eager): prefill" in result.stdout and "recompiles after warm-up 0" in result.stdout
     report = json.loads(output.read_text())
     assert report["prompts"] == ["Hello", "The quick brown fox"]
     assert len(report["outputs"]) == 2 and len(report["output_token_ids"]) == 2

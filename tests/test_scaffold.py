@@ -47,7 +47,8 @@ def test_generated_port_threads_runner_settings_and_prepares_inputs(tmp_path):
     assert "def __init__(self, config: GptOssConfig, runner_settings):" in modeling
     assert "self.model = GptOssModel(config, runner_settings=runner_settings)" in modeling
     assert "GptOssDecoderLayer(config, runner_settings, layer_idx)" in modeling
-    assert "def prepare_inputs_for_generation(self, input_ids, attention_mask, past_key_values" in modeling
+    assert "def prepare_inputs_for_generation(\n        self, input_ids, attention_mask, position_ids, cache_position" in modeling
+    assert "past_key_values.set_write_slots(cache_position)" in modeling
     assert "from ..." not in modeling and "GptOssForSequenceClassification" not in modeling
     runner = (tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py").read_text()
     for method in ("model_generate", "model_input_prepare", "model_output_process"):

@@ -10,17 +10,18 @@ from pathlib import Path
 from core.cli import exit_on_user_error
 from scaffold.errors import ScaffoldError
 from scaffold.inspect import inspect_model
-from scaffold.locate import locate_transformers_model
+from scaffold.locate import locate_folder_model, locate_transformers_model
 from scaffold.render import header_lines, port_files
-from scaffold.write import stamp, write_files
+from scaffold.write import WriteReport, stamp, write_files
 
-def generate(model: str, source: str, out: Path, force: bool = False) -> list[Path]:
-    if source != "transformers":
-        raise ScaffoldError(f"--from {source!r} is not supported yet; use --from transformers")
-    spec = inspect_model(locate_transformers_model(model))
+def generate(model: str, source: str, out: Path, force: bool = False, upgrade: bool = False) -> WriteReport:
+    if source == "transformers":
+        model_source = locate_transformers_model(model)
+    else:
+        model_source = locate_folder_model(model, Path(source))
+    spec = inspect_model(model_source)
     files = {path: stamp(path, header_lines(spec, path), body) for path, body in port_files(spec).items()}
-    report = write_files(out, files, force=force)
-    return report.written
+    return write_files(out, files, force=force, upgrade=upgrade)
 
 
 def _scaffold_parser() -> argparse.ArgumentParser:
@@ -31,9 +32,14 @@ def _scaffold_parser() -> argparse.ArgumentParser:
         "and `recipes-scaffold tiny-checkpoint MODEL_TYPE --out DIR` (a tiny random checkpoint to try a port).",
     )
     parser.add_argument("model", help="model name as in transformers/models/, e.g. gpt_oss")
-    parser.add_argument("--from", dest="source", default="transformers", help="where the model's code comes from")
+    parser.add_argument("--from", dest="source", default="transformers",
+                        help="'transformers' (the installed release) or a folder holding config.json, "
+                             "configuration_*.py and modeling_*.py (parsed, never imported)")
     parser.add_argument("--out", type=Path, default=Path("."), help="root folder to write into (default: .)")
-    parser.add_argument("--force", action="store_true", help="overwrite generated files even if you edited them")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--force", action="store_true", help="overwrite generated files even if you edited them")
+    mode.add_argument("--upgrade", action="store_true",
+                      help="regenerate and three-way merge your edits into the new output (conflicts get markers)")
     return parser
 
 
@@ -64,10 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = _scaffold_parser().parse_args(argv)
     started = time.perf_counter()
-    written = generate(args.model, args.source, args.out, force=args.force)
-    for path in written:
+    report = generate(args.model, args.source, args.out, force=args.force, upgrade=args.upgrade)
+    for path in report.written:
         print(f"wrote {path}")
-    print(f"{args.model}: {len(written)} files written in {time.perf_counter() - started:.2f} s")
+    for path in report.merged:
+        print(f"merged your edits into {path}")
+    print(f"{args.model}: {len(report.written)} files written in {time.perf_counter() - started:.2f} s")
+    if report.conflicted:
+        print(f"conflicts to resolve (marked <<<<<<< / >>>>>>>): {', '.join(map(str, report.conflicted))}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

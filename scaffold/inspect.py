@@ -130,9 +130,19 @@ def _config_class_and_type(configuration: cst.Module, path) -> tuple[str, str, d
     raise ScaffoldError(f"{path} defines no config class with a `model_type` attribute")
 
 
+def _parse(path) -> cst.Module:
+    try:
+        return cst.parse_module(path.read_text(encoding="utf-8"))
+    except cst.ParserSyntaxError as error:
+        raise ScaffoldError(f"{path} is not valid Python: syntax error at line {error.raw_line}, "
+                            f"column {error.raw_column}") from None
+    except UnicodeDecodeError as error:
+        raise ScaffoldError(f"{path} is not UTF-8 text: {error}") from None
+
+
 def inspect_model(source: ModelSource) -> ModelSpec:
-    modeling = cst.parse_module(source.modeling_path.read_text(encoding="utf-8"))
-    configuration = cst.parse_module(source.configuration_path.read_text(encoding="utf-8"))
+    modeling = _parse(source.modeling_path)
+    configuration = _parse(source.configuration_path)
     collector = _ClassCollector(modeling)
     modeling.visit(collector)
     causal_lms = [name for name in collector.classes if name.endswith("ForCausalLM")]

@@ -13,16 +13,30 @@ from scaffold.errors import ScaffoldError
 
 @dataclass(frozen=True)
 class ModelSource:
+    """Where a model's code is. `package` resolves its relative imports; `config_module` is where its config
+    class is imported from by the port; a folder model's configuration file is copied into the port."""
+
     name: str
     modeling_path: Path
     configuration_path: Path
     package: str
     transformers_version: str
+    origin: str
+    copy_configuration: bool = False
 
     @property
     def display_modeling(self) -> str:
         """The modeling file as the header names it: stable across machines (no absolute path)."""
-        return f"{self.package.replace('.', '/')}/{self.modeling_path.name}"
+        return f"{self.origin}/{self.modeling_path.name}"
+
+    @property
+    def regenerate_command(self) -> str:
+        source = "transformers" if not self.copy_configuration else f"{self.origin}/"
+        return f"recipes-scaffold {self.name} --from {source}"
+
+    @property
+    def config_module(self) -> str:
+        return f"{self.package}.{self.configuration_path.stem}"
 
 
 def transformers_models_dir() -> Path:
@@ -54,4 +68,27 @@ def locate_transformers_model(name: str) -> ModelSource:
         raise ScaffoldError(f"transformers {version} has no model named '{name}'{hint}")
     if not configuration.is_file():
         raise ScaffoldError(f"transformers {version} ships {modeling.name} but no {configuration.name} for '{name}'")
-    return ModelSource(name, modeling, configuration, f"transformers.models.{name}", version)
+    return ModelSource(name, modeling, configuration, f"transformers.models.{name}", version,
+                       f"transformers/models/{name}")
+
+
+def locate_folder_model(name: str, folder: Path) -> ModelSource:
+    """A model whose code ships with its checkpoint (trust_remote_code style): config.json, one
+    configuration_*.py and one modeling_*.py. The files are only read, never imported."""
+    if not folder.is_dir():
+        raise ScaffoldError(f"--from {folder}: no such folder (give 'transformers' or a model folder)")
+    if not (folder / "config.json").is_file():
+        raise ScaffoldError(f"--from {folder}: no config.json; a model folder holds config.json, "
+                            f"configuration_*.py and modeling_*.py")
+    found = {}
+    for kind in ("modeling", "configuration"):
+        candidates = sorted(folder.glob(f"{kind}_*.py"))
+        if len(candidates) != 1:
+            listed = ", ".join(path.name for path in candidates) or "none"
+            raise ScaffoldError(f"--from {folder}: expected exactly one {kind}_*.py, found {listed}")
+        found[kind] = candidates[0]
+    if not name.isidentifier():
+        raise ScaffoldError(f"model name '{name}' must be a Python identifier (it names generated_models/{name})")
+    version = importlib.metadata.version("transformers")
+    return ModelSource(name, found["modeling"], found["configuration"], f"generated_models.{name}", version,
+                       folder.name, copy_configuration=True)

@@ -51,7 +51,8 @@ class TensorParallelPlan:
 
 
 def _override_file(spec: ModelSpec) -> Path:
-    return OVERRIDES_DIR / f"{spec.source.name}.yaml"
+    """Overrides are per architecture (the config's model_type), so a renamed copy of a model finds them too."""
+    return OVERRIDES_DIR / f"{spec.model_type}.yaml"
 
 
 def _load_overrides(spec: ModelSpec) -> tuple[dict, dict]:

@@ -7,6 +7,7 @@ import pytest
 from conftest import REPO, run_cli
 from scaffold.cli import generate
 from scaffold.errors import ScaffoldError
+from scaffold.write import PRISTINE_DIR
 
 GPT_OSS_FILES = [
     "generated_models/__init__.py",
@@ -24,7 +25,8 @@ def test_regeneration_is_byte_identical_to_the_committed_port(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     generate("gpt_oss", "transformers", first)
     generate("gpt_oss", "transformers", second)
-    written = sorted(str(path.relative_to(first)) for path in first.rglob("*") if path.is_file())
+    written = sorted(str(path.relative_to(first)) for path in first.rglob("*")
+                     if path.is_file() and PRISTINE_DIR not in path.relative_to(first).parents)
     assert written == sorted(GPT_OSS_FILES)
     for relative in GPT_OSS_FILES:
         fresh = (first / relative).read_bytes()
@@ -86,7 +88,7 @@ def test_edited_file_is_kept_unless_forced(tmp_path):
     runner = tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py"
     edited = runner.read_text() + "\n# my tuning note\n"
     runner.write_text(edited)
-    with pytest.raises(ScaffoldError, match="refusing to overwrite .*runner_gpt_oss.py.*--force"):
+    with pytest.raises(ScaffoldError, match="refusing to overwrite .*runner_gpt_oss.py.*--upgrade.*--force"):
         generate("gpt_oss", "transformers", tmp_path)
     assert runner.read_text() == edited
     generate("gpt_oss", "transformers", tmp_path, force=True)
@@ -94,8 +96,8 @@ def test_edited_file_is_kept_unless_forced(tmp_path):
 
 
 def test_unedited_files_are_rewritten_and_identical_ones_left_alone(tmp_path):
-    assert len(generate("gpt_oss", "transformers", tmp_path)) == len(GPT_OSS_FILES)
-    assert generate("gpt_oss", "transformers", tmp_path) == []
+    assert len(generate("gpt_oss", "transformers", tmp_path).written) == len(GPT_OSS_FILES)
+    assert generate("gpt_oss", "transformers", tmp_path).written == []
 
 
 def test_unwritable_output_folder_is_a_clear_error(tmp_path):
@@ -103,3 +105,98 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ScaffoldError, match="cannot write under"):
         generate("gpt_oss", "transformers", blocker)
+
+
+def _edit_line(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def test_upgrade_merges_edits_into_new_output(tmp_path, monkeypatch):
+    generate("gpt_oss", "transformers", tmp_path)
+    runner = tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py"
+    _edit_line(runner, "        input_dict[\"input_ids\"] = next_tokens[:, None]\n",
+               "        input_dict[\"input_ids\"] = next_tokens[:, None]  # my edit\n")
+
+    import scaffold.cli
+
+    original_port_files = scaffold.cli.port_files
+
+    def changed_generator(spec):
+        files = original_port_files(spec)
+        path = "generated_models/gpt_oss/runner_gpt_oss.py"
+        files[path] = files[path].replace("greedy decoding of a left-padded batch", "greedy decoding (new wording)")
+        return files
+
+    monkeypatch.setattr(scaffold.cli, "port_files", changed_generator)
+    with pytest.raises(ScaffoldError, match="refusing to overwrite"):
+        generate("gpt_oss", "transformers", tmp_path)
+    report = generate("gpt_oss", "transformers", tmp_path, upgrade=True)
+    merged = runner.read_text()
+    assert "# my edit" in merged and "greedy decoding (new wording)" in merged
+    assert report.merged == [runner] and report.conflicted == []
+    assert "<<<<<<<" not in merged
+
+
+def test_upgrade_conflict_is_marked_and_reported(tmp_path, monkeypatch):
+    generate("gpt_oss", "transformers", tmp_path)
+    runner = tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py"
+    _edit_line(runner, "greedy decoding of a left-padded batch", "greedy decoding, my wording")
+
+    import scaffold.cli
+
+    original_port_files = scaffold.cli.port_files
+
+    def changed_generator(spec):
+        files = original_port_files(spec)
+        path = "generated_models/gpt_oss/runner_gpt_oss.py"
+        files[path] = files[path].replace("greedy decoding of a left-padded batch", "greedy decoding, new wording")
+        return files
+
+    monkeypatch.setattr(scaffold.cli, "port_files", changed_generator)
+    report = generate("gpt_oss", "transformers", tmp_path, upgrade=True)
+    merged = runner.read_text()
+    assert report.conflicted == [runner]
+    assert "<<<<<<<" in merged and "my wording" in merged and "new wording" in merged
+
+
+def test_upgrade_cli_exits_nonzero_on_conflict(tmp_path):
+    assert run_cli("-m", "scaffold.cli", "gpt_oss", "--out", str(tmp_path)).returncode == 0
+    # As if the previous generation wrote "(old wording)" there and the user rewrote that same line.
+    runner = tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py"
+    pristine = tmp_path / ".recipes-scaffold/pristine/generated_models/gpt_oss/runner_gpt_oss.py"
+    _edit_line(pristine, "greedy decoding of a left-padded batch", "greedy decoding (old wording)")
+    _edit_line(runner, "greedy decoding of a left-padded batch", "greedy decoding (my wording)")
+    result = run_cli("-m", "scaffold.cli", "gpt_oss", "--out", str(tmp_path), "--upgrade")
+    assert result.returncode == 1 and "conflicts to resolve" in result.stderr
+    assert "<<<<<<<" in runner.read_text() and "my wording" in runner.read_text()
+
+
+def _remote_code_folder(folder: Path, marker: Path) -> Path:
+    """A trust_remote_code-style copy of gpt_oss whose files would write `marker` if anyone imported them."""
+    import transformers
+
+    source = Path(transformers.__file__).parent / "models/gpt_oss"
+    folder.mkdir()
+    booby_trap = f"open({str(marker)!r}, 'w').write('executed')\n"
+    for kind in ("modeling", "configuration"):
+        text = (source / f"{kind}_gpt_oss.py").read_text()
+        text = text.replace("from ... import", "from transformers import")
+        text = text.replace("from ...", "from transformers.").replace("from .configuration_gpt_oss",
+                                                                     "from .configuration_tinyoss")
+        (folder / f"{kind}_tinyoss.py").write_text(booby_trap + text)
+    (folder / "config.json").write_text('{"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"]}')
+    return folder
+
+
+def test_scaffolding_from_a_folder_never_executes_its_code(tmp_path):
+    marker = tmp_path / "EXECUTED"
+    folder = _remote_code_folder(tmp_path / "tinyoss_model", marker)
+    result = run_cli("-m", "scaffold.cli", "tinyoss", "--from", str(folder), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()
+    port = tmp_path / "out/generated_models/tinyoss"
+    assert (port / "modeling_tinyoss.py").is_file() and (port / "configuration_tinyoss.py").is_file()
+    runner = (port / "runner_tinyoss.py").read_text()
+    assert "from generated_models.tinyoss.configuration_tinyoss import GptOssConfig" in runner

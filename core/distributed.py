@@ -16,7 +16,6 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from core.errors import SettingsError
 
 GROUP_NAMES = ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")
 
@@ -68,19 +67,6 @@ def get_tp_group(name: str) -> TensorParallelGroup:
 def all_reduce(tensor: torch.Tensor, group: str) -> torch.Tensor:
     """Sum a partial result (e.g. a rank's share of the experts' output) over the named group."""
     return get_tp_group(group).all_reduce(tensor)
-
-
-def check_parallel_config(parallel_config: dict[str, int], world_size: int) -> None:
-    """Each group spans the whole world: ranks of smaller groups would have to split the batch (attention data
-    parallelism), which this runtime does not do."""
-    for name in GROUP_NAMES:
-        size = parallel_config[f"{name}_size"]
-        if size != world_size:
-            raise SettingsError(
-                f"parallel_config.{name}_size is {size} but world_size is {world_size}: every TP group must span "
-                f"all ranks (splitting the batch across groups, attention data parallelism, is not supported); "
-                f"set {name}_size: {world_size}"
-            )
 
 
 def init_parallel_groups(parallel_config: dict[str, int], launch: LaunchEnvironment, backend: str) -> None:

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, PreTrainedConfig
 from transformers.initialization import no_init_weights
 
 from core.backends import select_backend
-from core.distributed import LaunchEnvironment, check_parallel_config, init_parallel_groups
+from core.distributed import LaunchEnvironment, init_parallel_groups
 from core.errors import CheckpointError, SettingsError
 from core.kv_cache import StaticKVCache
 from core.layers import check_partitions
@@ -116,7 +116,6 @@ class ModelRunner:
                 f"launched; launch with torchrun --nproc-per-node {self.world_size} or set world_size: "
                 f"{launch.world_size}"
             )
-        check_parallel_config(settings["parallel_config"], self.world_size)
         self.global_rank, self.local_rank = launch.rank, launch.local_rank
         if self.enable_weight_nz and self.backend.name != "npu":
             raise SettingsError(

@@ -153,12 +153,15 @@ def _validate_value(spec: Field, value: Any, name: str, source: str) -> Any:
 
 
 def _check_parallel_sizes(settings: dict[str, Any], source: str) -> None:
+    """Each TP group spans the whole world: ranks of smaller groups would have to split the batch (attention
+    data parallelism), which this runtime does not do."""
     world_size = settings["world_size"]
     for key, size in settings["parallel_config"].items():
-        if world_size % size:
+        if size != world_size:
             raise SettingsError(
-                f"{source}: world_size {world_size} is not a multiple of parallel_config.{key} {size}; "
-                f"use a {key} that divides {world_size}"
+                f"{source}: parallel_config.{key} is {size} but world_size is {world_size}: every TP group must "
+                f"span all ranks (splitting the batch across groups, attention data parallelism, is not "
+                f"supported); set {key}: {world_size}"
             )
 
 

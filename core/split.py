@@ -17,7 +17,7 @@ from tqdm import tqdm
 from transformers.initialization import no_init_weights
 
 from core.cli import exit_on_user_error
-from core.distributed import check_parallel_config, simulated_rank
+from core.distributed import simulated_rank
 from core.errors import SettingsError
 from core.layers import check_partitions
 from core.model_runner import ModelRunner, read_hf_config
@@ -36,18 +36,26 @@ def _copy_side_files(source: Path, destination: Path) -> None:
             shutil.copy2(path, destination / path.name)
 
 
+def _rank_model(runner_class: type[ModelRunner], config, settings: dict[str, Any], rank: int) -> torch.nn.Module:
+    with simulated_rank(settings["parallel_config"], rank), no_init_weights():
+        model = runner_class.model_class(config, settings)
+    check_partitions(model)
+    return model
+
+
 def split_checkpoint(runner_class: type[ModelRunner], runner_settings: dict[str, Any], out_dir: Path,
                      show_progress: bool = True) -> Path:
     """Write every rank's shards of `runner_settings['model_path']` under `out_dir`; return the settings YAML
     that runs them."""
     settings = validate_runner_settings(runner_settings)
-    world_size, parallel_config = settings["world_size"], settings["parallel_config"]
-    check_parallel_config(parallel_config, world_size)
+    world_size = settings["world_size"]
     source = Path(settings["model_path"])
     config = read_hf_config(source, runner_class.config_class)
     out_dir = Path(out_dir)
     with SafetensorsCheckpoint(source) as checkpoint:
         dtype = checkpoint.dtype()
+        # Rank 0's model shows any size TP cannot split, before a file is written or a bar drawn.
+        model = _rank_model(runner_class, config, settings, 0)
         progress = tqdm(total=world_size * len(checkpoint.names()), unit="tensor", disable=not show_progress,
                         desc="splitting")
         written_bytes = 0
@@ -58,19 +66,18 @@ def split_checkpoint(runner_class: type[ModelRunner], runner_settings: dict[str,
             progress.set_postfix_str(f"{written_bytes / 2**20:.1f} MiB", refresh=False)
             progress.update(1)
 
-        for rank in range(world_size):
-            progress.set_description(f"splitting rank {rank}/{world_size}")
-            with simulated_rank(parallel_config, rank), no_init_weights():
-                model = runner_class.model_class(config, settings)
-            check_partitions(model)
-            model.to(dtype)
-            load_checkpoint_into(model, checkpoint, on_tensor_loaded=advance)
-            shards = {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name in checkpoint}
-            rank_dir = out_dir / f"rank_{rank}"
-            _copy_side_files(source, rank_dir)
-            save_file(shards, str(rank_dir / "model.safetensors"), metadata={"format": "pt"})
-            del model, shards
-        progress.close()
+        with progress:
+            for rank in range(world_size):
+                progress.set_description(f"splitting rank {rank}/{world_size}")
+                model = model if rank == 0 else _rank_model(runner_class, config, settings, rank)
+                model.to(dtype)
+                load_checkpoint_into(model, checkpoint, on_tensor_loaded=advance)
+                shards = {name: tensor.contiguous() for name, tensor in model.state_dict().items()
+                          if name in checkpoint}
+                rank_dir = out_dir / f"rank_{rank}"
+                _copy_side_files(source, rank_dir)
+                save_file(shards, str(rank_dir / "model.safetensors"), metadata={"format": "pt"})
+                del model, shards
     _copy_side_files(source, out_dir)
     split_settings = {**settings, "model_path": str(out_dir.resolve())}
     split_settings["model_config"] = {**settings["model_config"], "enable_online_split_weight": False}

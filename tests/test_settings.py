@@ -53,8 +53,8 @@ def test_non_positive_size_rejected():
         validate_runner_settings({**MINIMAL, "data_config": {"max_new_tokens": 0}})
 
 
-def test_world_size_must_be_multiple_of_tp_sizes():
-    with pytest.raises(SettingsError, match="world_size 4 is not a multiple of parallel_config.attn_tp_size 3"):
+def test_tp_groups_must_span_the_world():
+    with pytest.raises(SettingsError, match="parallel_config.attn_tp_size is 3 but world_size is 4.*set attn_tp_size: 4"):
         validate_runner_settings({**MINIMAL, "world_size": 4, "parallel_config": {"attn_tp_size": 3}})
 
 

@@ -23,7 +23,7 @@ def sharded_parameter(full_shape: tuple[int, ...], group: str, dim: int | None =
     local_shape = list(full_shape)
     segment = None
     if dim is not None:
-        segment = split_evenly(full_shape[dim], tp, f"dimension {dim % len(full_shape)} ({full_shape[dim]})")
+        segment = split_evenly(full_shape[dim], tp, f"dimension {dim % len(full_shape)} of size")
         local_shape[dim] = segment.local
     param = nn.Parameter(torch.empty(local_shape))
 

@@ -30,10 +30,13 @@ def causal_masks(attention_mask: torch.Tensor, query_slots: torch.Tensor, dtype:
 def masks_for_model(config: PreTrainedConfig, attention_mask: torch.Tensor, query_slots: torch.Tensor,
                     dtype: torch.dtype):
     """What the model's forward takes as `attention_mask`: a dict keyed by layer type when the config declares
-    `layer_types` (HF then uses it as is), else the single causal mask."""
+    `layer_types` (HF then uses it as is), else the single mask every layer uses — a sliding-window one when the
+    config sets a window (and does not switch it off with `use_sliding_window`), as HF's Mistral does."""
     layer_types = getattr(config, "layer_types", None)
     sliding_window = getattr(config, "sliding_window", None)
     if not layer_types:
+        if sliding_window is not None and getattr(config, "use_sliding_window", True):
+            return causal_masks(attention_mask, query_slots, dtype, sliding_window)["sliding_attention"]
         return causal_masks(attention_mask, query_slots, dtype)["full_attention"]
     masks = causal_masks(attention_mask, query_slots, dtype,
                          sliding_window if "sliding_attention" in layer_types else None)

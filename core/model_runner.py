@@ -180,6 +180,7 @@ class ModelRunner:
         init_context = contextlib.nullcontext() if initialize_weights else no_init_weights()
         with init_context:
             model = self.model_class(config, self.runner_settings)
+        model.tie_weights()
         check_partitions(model)
         model.to(self.dtype)
         for name, module in model.named_modules():

@@ -39,6 +39,7 @@ def _copy_side_files(source: Path, destination: Path) -> None:
 def _rank_model(runner_class: type[ModelRunner], config, settings: dict[str, Any], rank: int) -> torch.nn.Module:
     with simulated_rank(settings["parallel_config"], rank), no_init_weights():
         model = runner_class.model_class(config, settings)
+    model.tie_weights()
     check_partitions(model)
     return model
 

@@ -29,6 +29,17 @@ class ClassSpec:
     constructs: list[str] = field(default_factory=list)
     weights: list[WeightSpec] = field(default_factory=list)
     forward_params: list[str] = field(default_factory=list)
+    children: dict[str, str] = field(default_factory=dict)
+    decorators: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def is_experts(self) -> bool:
+        """HF's fused-experts modules carry @use_experts_implementation (3-D gate_up_proj / down_proj)."""
+        return "use_experts_implementation" in self.decorators
+
+    def experts_flag(self, name: str, default: bool) -> bool:
+        value = self.decorators.get("use_experts_implementation", {}).get(name)
+        return default if value is None else value == "True"
 
     @property
     def takes_config(self) -> bool:
@@ -70,6 +81,14 @@ class _ClassCollector(cst.CSTVisitor):
 
     def visit_ClassDef(self, node: cst.ClassDef) -> None:
         spec = ClassSpec(node.name.value, [_dotted(base.value) for base in node.bases])
+        for decorator in node.decorators:
+            target = decorator.decorator
+            call = target if isinstance(target, cst.Call) else None
+            name = _dotted(call.func if call else target).split(".")[-1]
+            spec.decorators[name] = {
+                arg.keyword.value: self.module.code_for_node(arg.value) for arg in (call.args if call else ())
+                if arg.keyword is not None
+            }
         if not self._class_stack:
             self.classes[spec.name] = spec
         self._class_stack.append(spec)
@@ -97,6 +116,8 @@ class _ClassCollector(cst.CSTVisitor):
             return
         target = node.targets[0].target
         constructor = _dotted(node.value.func).split(".")[-1]
+        if m.matches(target, m.Attribute(value=m.Name("self"))) and isinstance(node.value.func, cst.Name):
+            self._class_stack[-1].children[target.attr.value] = constructor
         if m.matches(target, m.Attribute(value=m.Name("self"))) and constructor in WEIGHT_CONSTRUCTORS:
             arguments = self.module.code_for_node(node.value).split("(", 1)[1].rsplit(")", 1)[0]
             self._class_stack[-1].weights.append(

@@ -21,6 +21,7 @@ ROLES = ("column", "row", "vocab_embedding", "lm_head", "sharded", "summand", "r
 GROUPS = ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")
 
 ATTENTION_CLASS = re.compile(r"Attention")
+ROUTER_CLASS = re.compile(r"Router")
 FEED_FORWARD_CLASS = re.compile(r"MLP|Experts|MoE|FeedForward|Moe")
 NORM_CLASS = re.compile(r"Norm")
 QUERY = {"q_proj", "query", "q"}
@@ -39,6 +40,7 @@ class WeightRole:
     num_heads: str | None = None
     dim: int | None = None
     source: str = "rule"
+    segments: int = 1
 
 
 @dataclass
@@ -66,7 +68,29 @@ def _load_overrides(spec: ModelSpec) -> tuple[dict, dict]:
     return data.get("weights") or {}, data.get("reductions") or {}
 
 
+def _experts_role(class_spec, attribute: str) -> WeightRole | None:
+    """HF fused experts: [E, 2I, H] (or [E, H, 2I] when transposed) gate|up — concatenated halves or
+    interleaved pairs — and [E, H, I] (or [E, I, H]) down: split the intermediate dim; the down bias is added
+    once, since the experts' output is summed over the group."""
+    transposed = class_spec.experts_flag("is_transposed", False)
+    concatenated = class_spec.experts_flag("is_concatenated", True)
+    up_dim, down_dim = (2, 1) if transposed else (1, 2)
+    if attribute == "gate_up_proj":
+        return WeightRole("sharded", "moe_tp", dim=up_dim, segments=2 if concatenated else 1)
+    if attribute == "up_proj":
+        return WeightRole("sharded", "moe_tp", dim=up_dim)
+    if attribute in ("gate_up_proj_bias", "up_proj_bias"):
+        return WeightRole("sharded", "moe_tp", dim=1, segments=2 if concatenated and attribute == "gate_up_proj_bias" else 1)
+    if attribute == "down_proj":
+        return WeightRole("sharded", "moe_tp", dim=down_dim)
+    if attribute == "down_proj_bias":
+        return WeightRole("summand", "moe_tp")
+    return None
+
+
 def _rule_role(class_name: str, attribute: str, kind: str) -> WeightRole | None:
+    if kind != "linear" and ROUTER_CLASS.search(class_name):
+        return WeightRole("replicated")
     if kind == "embedding" and attribute in EMBEDDINGS:
         return WeightRole("vocab_embedding", "embed_tp")
     if kind == "linear" and attribute == "lm_head":
@@ -126,12 +150,19 @@ def plan_tensor_parallel(spec: ModelSpec) -> TensorParallelPlan:
         if class_name not in spec.classes or group not in GROUPS:
             raise ScaffoldError(f"{path}: reduction '{key}: {group}' names no class of the model or no TP group")
         plan.reductions[(class_name, attribute)] = group
+    experts_classes = {name for name, class_spec in spec.classes.items() if class_spec.is_experts}
+    for class_name, class_spec in spec.classes.items():
+        for attribute, child in class_spec.children.items():
+            if child in experts_classes:
+                plan.reductions.setdefault((class_name, attribute), "moe_tp")
     hf_roles = _hf_plan_roles(spec)
     unplanned = []
     for (class_name, attribute), kind in weights.items():
         if (class_name, attribute) in plan.roles:
             continue
-        role = _rule_role(class_name, attribute, kind)
+        class_spec = spec.classes[class_name]
+        role = _experts_role(class_spec, attribute) if class_spec.is_experts and kind == "parameter" else None
+        role = role or _rule_role(class_name, attribute, kind)
         if role is None and attribute in hf_roles and kind == "linear":
             group = "attn_tp" if ATTENTION_CLASS.search(class_name) else "moe_tp"
             role = WeightRole(hf_roles[attribute], group, source="base_model_tp_plan")

@@ -408,6 +408,8 @@ class _ApplyPlan(cst.CSTTransformer):
         extra = [_keyword("group", cst.SimpleString(f'"{role.group}"'))]
         if role.role == "sharded":
             extra.append(_keyword("dim", cst.Integer(str(role.dim))))
+            if role.segments > 1:
+                extra.append(_keyword("segments", cst.Integer(str(role.segments))))
         else:
             extra.append(_keyword("summand", cst.Name("True")))
         return cst.Call(cst.Name("sharded_parameter"), args=_with_trailing_args(cst.Call(

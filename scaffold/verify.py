@@ -107,6 +107,9 @@ def hf_reference(checkpoint: Path, prompts: list[str], max_new_tokens: int) -> t
     """HF eager greedy tokens [batch, steps] and raw logits [batch, steps, vocab] (fp32, CPU, EOS ignored)."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    # generate() falls back to the checkpoint's generation_config for an eos_token_id left unset: clear it
+    # there, or HF stops a row at EOS and pads it while the port (ignoring EOS) goes on.
+    model.generation_config.eos_token_id = None
     batch = tokenizer(list(prompts), padding="longest", return_tensors="pt")
     generation_config = GenerationConfig(
         do_sample=False,

@@ -11,10 +11,12 @@ from core.layers.partition import split_evenly, take, tensor_shape
 
 
 def sharded_parameter(full_shape: tuple[int, ...], group: str, dim: int | None = None,
-                      summand: bool = False) -> nn.Parameter:
+                      summand: bool = False, segments: int = 1) -> nn.Parameter:
     """An uninitialised parameter holding this rank's part of a `full_shape` checkpoint tensor.
 
     dim: split that dimension evenly over `group` (a contiguous block per rank).
+    segments: that dimension is `segments` equal parts stored one after the other (experts' gate|up), each
+    split on its own; the rank keeps its slice of each, in order.
     summand: the tensor is added to an output that the group sums afterwards (e.g. the experts' down-projection
     bias), so only the group's first rank holds it and the others hold zeros: it is counted once.
     """
@@ -23,8 +25,9 @@ def sharded_parameter(full_shape: tuple[int, ...], group: str, dim: int | None =
     local_shape = list(full_shape)
     segment = None
     if dim is not None:
-        segment = split_evenly(full_shape[dim], tp, f"dimension {dim % len(full_shape)} of size")
-        local_shape[dim] = segment.local
+        parts = f" (each of its {segments} parts)" if segments > 1 else ""
+        segment = split_evenly(full_shape[dim] // segments, tp, f"dimension {dim % len(full_shape)}{parts} of size")
+        local_shape[dim] = segment.local * segments
     param = nn.Parameter(torch.empty(local_shape))
 
     def weight_loader(param: nn.Parameter, loaded) -> None:
@@ -36,7 +39,9 @@ def sharded_parameter(full_shape: tuple[int, ...], group: str, dim: int | None =
         elif segment is None:
             param.data.copy_(loaded[:])
         else:
-            param.data.copy_(take(loaded, dim, segment.start, segment.local))
+            part = full_shape[dim] // segments
+            pieces = [take(loaded, dim, index * part + segment.start, segment.local) for index in range(segments)]
+            param.data.copy_(torch.cat(pieces, dim=dim) if segments > 1 else pieces[0])
 
     param.weight_loader = weight_loader
     param.partition_problem = segment.problem if segment else None

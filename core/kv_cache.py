@@ -39,10 +39,6 @@ class StaticKVCache:
         return cls(config.num_hidden_layers, batch_size, local_heads(num_kv_heads, "attn_tp"), head_dim, max_len,
                    dtype, device)
 
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
-
     def set_write_slots(self, slots: torch.Tensor) -> None:
         """The cache slots the next forward's tokens go to (the same for every row of a left-padded batch)."""
         self.write_slots = slots

@@ -178,9 +178,6 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"tensor '{name}' is missing from the checkpoint in {self.folder}")
         return self.tensors[name]
 
-    def get_tensor(self, name: str) -> torch.Tensor:
-        return self.get_slice(name)[:]
-
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's floating-point tensors (its first one)."""
         for name in self.names():

@@ -125,12 +125,8 @@ def _edit_line(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new))
 
 
-def test_upgrade_merges_edits_into_new_output(tmp_path, monkeypatch):
-    generate("gpt_oss", "transformers", tmp_path)
-    runner = tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py"
-    _edit_line(runner, "        input_dict[\"input_ids\"] = next_tokens[:, None]\n",
-               "        input_dict[\"input_ids\"] = next_tokens[:, None]  # my edit\n")
-
+def _generator_rewords_runner(monkeypatch, wording: str) -> None:
+    """From now on the generator writes `wording` in the runner's docstring: a change in its output."""
     import scaffold.cli
 
     original_port_files = scaffold.cli.port_files
@@ -138,10 +134,19 @@ def test_upgrade_merges_edits_into_new_output(tmp_path, monkeypatch):
     def changed_generator(spec):
         files = original_port_files(spec)
         path = "generated_models/gpt_oss/runner_gpt_oss.py"
-        files[path] = files[path].replace("greedy decoding of a left-padded batch", "greedy decoding (new wording)")
+        files[path] = files[path].replace("greedy decoding of a left-padded batch", wording)
         return files
 
     monkeypatch.setattr(scaffold.cli, "port_files", changed_generator)
+
+
+def test_upgrade_merges_edits_into_new_output(tmp_path, monkeypatch):
+    generate("gpt_oss", "transformers", tmp_path)
+    runner = tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py"
+    _edit_line(runner, "        input_dict[\"input_ids\"] = next_tokens[:, None]\n",
+               "        input_dict[\"input_ids\"] = next_tokens[:, None]  # my edit\n")
+
+    _generator_rewords_runner(monkeypatch, "greedy decoding (new wording)")
     with pytest.raises(ScaffoldError, match="refusing to overwrite"):
         generate("gpt_oss", "transformers", tmp_path)
     report = generate("gpt_oss", "transformers", tmp_path, upgrade=True)
@@ -156,17 +161,7 @@ def test_upgrade_conflict_is_marked_and_reported(tmp_path, monkeypatch):
     runner = tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py"
     _edit_line(runner, "greedy decoding of a left-padded batch", "greedy decoding, my wording")
 
-    import scaffold.cli
-
-    original_port_files = scaffold.cli.port_files
-
-    def changed_generator(spec):
-        files = original_port_files(spec)
-        path = "generated_models/gpt_oss/runner_gpt_oss.py"
-        files[path] = files[path].replace("greedy decoding of a left-padded batch", "greedy decoding, new wording")
-        return files
-
-    monkeypatch.setattr(scaffold.cli, "port_files", changed_generator)
+    _generator_rewords_runner(monkeypatch, "greedy decoding, new wording")
     report = generate("gpt_oss", "transformers", tmp_path, upgrade=True)
     merged = runner.read_text()
     assert report.conflicted == [runner]

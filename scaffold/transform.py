@@ -376,8 +376,16 @@ class _ApplyPlan(cst.CSTTransformer):
         self._class_stack.append(node.name.value)
 
     def leave_ClassDef(self, original_node: cst.ClassDef, updated_node: cst.ClassDef) -> cst.ClassDef:
+        """A model's own embedding subclass (e.g. Gemma's scaled embedding) becomes vocab-parallel too."""
         self._class_stack.pop()
-        return updated_node
+        bases = [
+            base.with_changes(value=cst.Name(PARALLEL_CLASSES["vocab_embedding"]))
+            if m.matches(base.value, m.Attribute(value=m.Name("nn"), attr=m.Name("Embedding"))) else base
+            for base in updated_node.bases
+        ]
+        if bases != list(updated_node.bases):
+            self.imports.add(PARALLEL_CLASSES["vocab_embedding"])
+        return updated_node.with_changes(bases=bases)
 
     def leave_Assign(self, original_node: cst.Assign, updated_node: cst.Assign) -> cst.Assign:
         if not self._class_stack or len(updated_node.targets) != 1:

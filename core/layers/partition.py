@@ -69,6 +69,13 @@ def check_partitions(model: torch.nn.Module) -> None:
         problem = getattr(module, "partition_problem", None)
         if problem:
             raise SettingsError(f"layer '{name}': {problem}")
+        segments = getattr(module, "segments", None)
+        if isinstance(segments, list) and module.weight.shape[0] != sum(segment.local for segment in segments):
+            raise SettingsError(
+                f"layer '{name}' holds a weight of {module.weight.shape[0]} rows, not the "
+                f"{sum(segment.local for segment in segments)} this rank's split needs: it is tied to a tensor "
+                f"split differently (tie the lm_head only to an embedding with embed_tp_size == lmhead_tp_size)"
+            )
     for name, param in model.named_parameters():
         problem = getattr(param, "partition_problem", None)
         if problem:

@@ -35,6 +35,14 @@ logger = logging.getLogger(__name__)
 SUPPORTED_QUANTIZATION: tuple[str, ...] = ()
 
 
+def _strip_after_eos(row: list[int], eos_ids: set[int]) -> list[int]:
+    """A row up to and including its first end-of-sequence token."""
+    for index, token in enumerate(row):
+        if token in eos_ids:
+            return row[: index + 1]
+    return row
+
+
 def compiled_frames() -> int:
     """How many frames torch.compile has compiled in this process (each recompilation adds one)."""
     return torch._dynamo.utils.counters["frames"]["ok"]
@@ -255,21 +263,16 @@ class ModelRunner:
             add_special_tokens = False
         else:
             texts, add_special_tokens = list(prompts), True
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
-        for index, length in enumerate(lengths):
-            if length > self.input_max_len:
+        token_ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        for index, ids in enumerate(token_ids):
+            if len(ids) > self.input_max_len:
                 logger.warning(
                     "prompt %d has %d tokens; truncated to data_config.input_max_len %d",
-                    index, length, self.input_max_len,
+                    index, len(ids), self.input_max_len,
                 )
-        batch = self.tokenizer(
-            texts,
-            add_special_tokens=add_special_tokens,
-            padding="longest",
-            truncation=True,
-            max_length=self.input_max_len,
-            return_tensors="pt",
-        )
+                keep_end = self.tokenizer.truncation_side == "left"
+                token_ids[index] = ids[-self.input_max_len :] if keep_end else ids[: self.input_max_len]
+        batch = self.tokenizer.pad({"input_ids": token_ids}, padding="longest", return_tensors="pt")
         return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
 
     # ------------------------------------------------------------------ generation
@@ -387,7 +390,8 @@ class ModelRunner:
         )
         summary = {**timing.summary(), "compile_s": round(compile_seconds, 3),
                    "recompiles_after_warmup": compiled_frames() - frames_before}
-        output_token_ids = [self._strip_after_eos(row, ignore_eos) for row in token_rows]
+        eos_ids = set(self._eos_token_ids())
+        output_token_ids = [row if ignore_eos else _strip_after_eos(row, eos_ids) for row in token_rows]
         outputs = self.tokenizer.batch_decode(output_token_ids, skip_special_tokens=True)
         logger.info("%s | compile (warm-up) %.2f s | recompiles after warm-up: %d", timing.report(),
                     compile_seconds, summary["recompiles_after_warmup"])
@@ -430,12 +434,3 @@ class ModelRunner:
             eos = self.tokenizer.eos_token_id
         ids = eos if isinstance(eos, list) else [eos]
         return [token for token in ids if token is not None]
-
-    def _strip_after_eos(self, row: list[int], ignore_eos: bool) -> list[int]:
-        if ignore_eos:
-            return row
-        eos_ids = set(self._eos_token_ids())
-        for index, token in enumerate(row):
-            if token in eos_ids:
-                return row[: index + 1]
-        return row

@@ -232,7 +232,10 @@ def _verification_settings(runner_class, checkpoint: Path, batch_size: int, max_
         "data_config": {"input_max_len": 64, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
     }
     for key, value in overrides.items():
-        settings.setdefault(key, {}).update(value) if isinstance(value, dict) else settings.update({key: value})
+        if isinstance(value, dict):
+            settings.setdefault(key, {}).update(value)
+        else:
+            settings[key] = value
     return settings
 
 

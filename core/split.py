@@ -22,7 +22,7 @@ from core.errors import SettingsError
 from core.layers import check_partitions
 from core.model_runner import ModelRunner, read_hf_config
 from core.settings import load_runner_settings, validate_runner_settings
-from core.weights import SafetensorsCheckpoint, load_checkpoint_into
+from core.weights import SafetensorsCheckpoint, checkpoint_targets, load_checkpoint_into
 
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 SPLIT_SETTINGS_FILE = "runner_settings.yaml"
@@ -57,7 +57,7 @@ def split_checkpoint(runner_class: type[ModelRunner], runner_settings: dict[str,
         dtype = checkpoint.dtype()
         # Rank 0's model shows any size TP cannot split, before a file is written or a bar drawn.
         model = _rank_model(runner_class, config, settings, 0)
-        progress = tqdm(total=world_size * len(checkpoint.names()), unit="tensor", disable=not show_progress,
+        progress = tqdm(total=world_size * len(checkpoint_targets(model)), unit="tensor", disable=not show_progress,
                         desc="splitting")
         written_bytes = 0
 
@@ -72,9 +72,9 @@ def split_checkpoint(runner_class: type[ModelRunner], runner_settings: dict[str,
                 progress.set_description(f"splitting rank {rank}/{world_size}")
                 model = model if rank == 0 else _rank_model(runner_class, config, settings, rank)
                 model.to(dtype)
-                load_checkpoint_into(model, checkpoint, on_tensor_loaded=advance)
+                loaded = set(load_checkpoint_into(model, checkpoint, on_tensor_loaded=advance))
                 shards = {name: tensor.contiguous() for name, tensor in model.state_dict().items()
-                          if name in checkpoint}
+                          if name in loaded}
                 rank_dir = out_dir / f"rank_{rank}"
                 _copy_side_files(source, rank_dir)
                 save_file(shards, str(rank_dir / "model.safetensors"), metadata={"format": "pt"})

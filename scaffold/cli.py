@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from core.cli import exit_on_user_error
-from scaffold.errors import ScaffoldError
 from scaffold.inspect import inspect_model
 from scaffold.locate import locate_folder_model, locate_transformers_model
 from scaffold.render import header_lines, port_files
@@ -29,6 +28,7 @@ def _scaffold_parser() -> argparse.ArgumentParser:
         prog="recipes-scaffold",
         description="Write a runner_settings-aware port of a Hugging Face causal LM onto the core ModelRunner.",
         epilog="Also: `recipes-scaffold split-weights --config YAML --out DIR` (per-rank shards for offline split) "
+        "`recipes-scaffold import-gguf FILE --out DIR` (a GGUF checkpoint as HF safetensors) "
         "and `recipes-scaffold tiny-checkpoint MODEL_TYPE --out DIR` (a tiny random checkpoint to try a port).",
     )
     parser.add_argument("model", help="model name as in transformers/models/, e.g. gpt_oss")
@@ -61,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         from core.split import main as split_main
 
         return split_main(argv[1:])
+    if argv and argv[0] == "import-gguf":
+        from core.gguf_import import main as import_gguf_main
+
+        return import_gguf_main(argv[1:])
+    if argv and argv[0] == "sweep":
+        from scaffold.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     if argv and argv[0] == "tiny-checkpoint":
         args = _tiny_checkpoint_parser().parse_args(argv[1:])
         from scaffold.verify import build_tiny_checkpoint

@@ -11,7 +11,9 @@ import libcst.matchers as m
 from scaffold.errors import ScaffoldError
 from scaffold.locate import ModelSource
 
-WEIGHT_CONSTRUCTORS = {"Linear": "linear", "Embedding": "embedding", "Parameter": "parameter"}
+# Conv1D (GPT-2's transposed linear) is recorded so that the planner reports it: the parallel layers cannot split
+# its [in, out] weight, so it is replicated.
+WEIGHT_CONSTRUCTORS = {"Linear": "linear", "Embedding": "embedding", "Parameter": "parameter", "Conv1D": "conv1d"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class ClassSpec:
     forward_params: list[str] = field(default_factory=list)
     children: dict[str, str] = field(default_factory=dict)
     decorators: dict[str, dict[str, str]] = field(default_factory=dict)
+    config_annotation: str | None = None
 
     @property
     def is_experts(self) -> bool:
@@ -55,6 +58,15 @@ class ModelSpec:
     config_class: str
     model_type: str
     base_model_tp_plan: dict | None
+    reachable: frozenset[str] = frozenset()
+    config_attributes: frozenset[str] = frozenset()
+
+    @property
+    def key_value_heads(self) -> str:
+        """The config expression of the KV head count: multi-head configs without GQA have no num_key_value_heads."""
+        if "num_key_value_heads" in self.config_attributes:
+            return "config.num_key_value_heads"
+        return "config.num_attention_heads"
 
     @property
     def camel_name(self) -> str:
@@ -62,6 +74,11 @@ class ModelSpec:
 
     def classes_taking_config(self) -> list[str]:
         return [name for name, spec in self.classes.items() if spec.takes_config]
+
+    def causal_lm_classes(self) -> dict[str, ClassSpec]:
+        """The classes the causal LM reaches, in file order: what the port keeps (task heads, vision and audio
+        towers the causal LM never builds are pruned, so they need no tensor-parallel plan)."""
+        return {name: spec for name, spec in self.classes.items() if name in self.reachable}
 
 
 def _dotted(node: cst.BaseExpression) -> str:
@@ -104,6 +121,9 @@ class _ClassCollector(cst.CSTVisitor):
         params += [param.name.value for param in node.params.kwonly_params]
         if self._method == "__init__":
             self._class_stack[-1].init_params = params
+            config = next((param for param in node.params.params if param.name.value == "config"), None)
+            if config is not None and config.annotation is not None:
+                self._class_stack[-1].config_annotation = _dotted(config.annotation.annotation)
         elif self._method == "forward":
             self._class_stack[-1].forward_params = params
 
@@ -129,11 +149,66 @@ class _ClassCollector(cst.CSTVisitor):
             self._class_stack[-1].constructs.append(node.func.value)
 
 
-def _config_class_and_type(configuration: cst.Module, path) -> tuple[str, str, dict | None]:
+class _NameCollector(cst.CSTVisitor):
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def visit_Name(self, node: cst.Name) -> None:
+        self.names.add(node.value)
+
+
+def names_used(node: cst.CSTNode) -> set[str]:
+    collector = _NameCollector()
+    node.visit(collector)
+    return collector.names
+
+
+def defined_name(statement: cst.CSTNode) -> str | None:
+    if isinstance(statement, (cst.ClassDef, cst.FunctionDef)):
+        return statement.name.value
+    return None
+
+
+def _module_level_uses(module: cst.Module) -> set[str]:
+    """Names that top-level statements other than definitions and imports use, e.g. the classes in
+    `ATTENTION_CLASSES = {"eager": FalconAttention, ...}`: such statements are kept, so what they name is too."""
+    imports = m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()])
+    return set().union(*(names_used(statement) for statement in module.body
+                         if defined_name(statement) is None and not m.matches(statement, imports)))
+
+
+def reachable_definitions(module: cst.Module, root: str) -> set[str]:
+    """The top-level classes and functions `root` and the module-level statements use, directly or through each
+    other (by name)."""
+    definitions = {name: statement for statement in module.body if (name := defined_name(statement)) is not None}
+    reachable, frontier = set(), [root, *_module_level_uses(module)]
+    while frontier:
+        name = frontier.pop()
+        if name in reachable or name not in definitions:
+            continue
+        reachable.add(name)
+        frontier.extend(names_used(definitions[name]) & definitions.keys())
+    return reachable
+
+
+def _literal_or_none(code: str):
+    """A plan written as a literal; one built by code (comprehensions, ** unpacking) is left out: it is only one
+    input of the planner, and its name rules still apply."""
+    try:
+        return ast.literal_eval(code)
+    except (ValueError, SyntaxError):
+        return None
+
+
+def _config_classes(configuration: cst.Module) -> list[tuple[str, str, dict | None, frozenset[str]]]:
+    """(class name, model_type, base_model_tp_plan, attribute names incl. attribute_map aliases) of every config
+    class that sets a `model_type`, in file order."""
+    found = []
     for statement in configuration.body:
         if not isinstance(statement, cst.ClassDef):
             continue
-        model_type, tp_plan = None, None
+        model_type, tp_plan, attributes = None, None, set()
         for item in statement.body.body:
             if not m.matches(item, m.SimpleStatementLine(body=[m.Assign() | m.AnnAssign()])):
                 continue
@@ -142,13 +217,25 @@ def _config_class_and_type(configuration: cst.Module, path) -> tuple[str, str, d
             if not isinstance(target, cst.Name) or assign.value is None:
                 continue
             value_code = configuration.code_for_node(assign.value)
+            attributes.add(target.value)
+            if target.value == "attribute_map":
+                attributes.update(_literal_or_none(value_code) or {})
             if target.value == "model_type":
                 model_type = ast.literal_eval(value_code)
             elif target.value == "base_model_tp_plan":
-                tp_plan = ast.literal_eval(value_code)
+                tp_plan = _literal_or_none(value_code)
         if model_type is not None:
-            return statement.name.value, model_type, tp_plan
-    raise ScaffoldError(f"{path} defines no config class with a `model_type` attribute")
+            found.append((statement.name.value, model_type, tp_plan, frozenset(attributes)))
+    return found
+
+
+def _config_class_and_type(configuration: cst.Module, path, annotation: str | None) -> tuple:
+    """The config class the causal LM's `__init__(self, config: X)` names (a file may define several: Gemma3's
+    text and multimodal configs), else the file's first."""
+    found = _config_classes(configuration)
+    if not found:
+        raise ScaffoldError(f"{path} defines no config class with a `model_type` attribute")
+    return next((entry for entry in found if entry[0] == annotation), found[0])
 
 
 def _parse(path) -> cst.Module:
@@ -173,5 +260,9 @@ def inspect_model(source: ModelSource) -> ModelSpec:
             f"{source.display_modeling} must define exactly one *ForCausalLM class to port (found: {found}); "
             f"encoder-decoder and encoder-only models are not decoder LMs"
         )
-    config_class, model_type, tp_plan = _config_class_and_type(configuration, source.configuration_path)
-    return ModelSpec(source, modeling, collector.classes, causal_lms[0], config_class, model_type, tp_plan)
+    config_class, model_type, tp_plan, config_attributes = _config_class_and_type(
+        configuration, source.configuration_path, collector.classes[causal_lms[0]].config_annotation
+    )
+    reachable = frozenset(reachable_definitions(modeling, causal_lms[0]))
+    return ModelSpec(source, modeling, collector.classes, causal_lms[0], config_class, model_type, tp_plan, reachable,
+                     config_attributes)

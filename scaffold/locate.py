@@ -1,4 +1,5 @@
-"""Find a model's `modeling_*.py` and `configuration_*.py` without importing them or transformers."""
+"""Find a model's `modeling_*.py` and `configuration_*.py` without importing them (nor transformers, unless a
+model_type lives in another model's folder)."""
 
 from __future__ import annotations
 
@@ -56,20 +57,31 @@ def causal_lm_models(models_dir: Path) -> list[str]:
     return sorted(names)
 
 
+def _folder_name(models_dir: Path, name: str) -> str:
+    """The models/ folder of `name`: its own, or, for a model_type defined in another model's files (gemma3_text
+    in models/gemma3), the folder transformers' own model_type table names."""
+    if (models_dir / name).is_dir():
+        return name
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    return model_type_to_module_name(name)
+
+
 def locate_transformers_model(name: str) -> ModelSource:
     models_dir = transformers_models_dir()
     version = importlib.metadata.version("transformers")
-    folder = models_dir / name
-    modeling = folder / f"modeling_{name}.py"
-    configuration = folder / f"configuration_{name}.py"
+    folder_name = _folder_name(models_dir, name)
+    folder = models_dir / folder_name
+    modeling = folder / f"modeling_{folder_name}.py"
+    configuration = folder / f"configuration_{folder_name}.py"
     if not modeling.is_file():
         close = difflib.get_close_matches(name, causal_lm_models(models_dir), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; the causal LMs are the folders of {models_dir}"
         raise ScaffoldError(f"transformers {version} has no model named '{name}'{hint}")
     if not configuration.is_file():
         raise ScaffoldError(f"transformers {version} ships {modeling.name} but no {configuration.name} for '{name}'")
-    return ModelSource(name, modeling, configuration, f"transformers.models.{name}", version,
-                       f"transformers/models/{name}")
+    return ModelSource(name, modeling, configuration, f"transformers.models.{folder_name}", version,
+                       f"transformers/models/{folder_name}")
 
 
 def locate_folder_model(name: str, folder: Path) -> ModelSource:

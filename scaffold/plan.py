@@ -1,12 +1,16 @@
 """Give every weight of a ModelSpec a tensor-parallel role.
 
+Only the classes the causal LM reaches are planned: task heads and vision/audio towers are pruned from the port.
 Sources, in order: the per-architecture override file (scaffold/overrides/<model>.yaml), the config's
-`base_model_tp_plan`, then name rules (q/k/v/gate/up → column, o/down → row, …). An override naming nothing,
-or a weight left without a role, is an error: never a silent replication.
+`base_model_tp_plan`, then name rules (q/k/v/gate/up → column, o/down → row, …). An override naming nothing is
+an error. A weight none of them covers is replicated (every rank holds it whole: exact at TP=1; at TP>1 the
+verification shows whether the model's arithmetic around it still holds) and reported, never silently: one
+line on stderr when generating and a list in the port's README.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +20,8 @@ import yaml
 from scaffold.errors import ScaffoldError
 from scaffold.inspect import ModelSpec
 
+logger = logging.getLogger(__name__)
+
 OVERRIDES_DIR = Path(__file__).resolve().parent / "overrides"
 ROLES = ("column", "row", "vocab_embedding", "lm_head", "sharded", "summand", "replicated")
 GROUPS = ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")
@@ -23,13 +29,19 @@ GROUPS = ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")
 ATTENTION_CLASS = re.compile(r"Attention")
 ROUTER_CLASS = re.compile(r"Router")
 FEED_FORWARD_CLASS = re.compile(r"MLP|Experts|MoE|FeedForward|Moe")
+# Decoder layers that hold their feed-forward pair directly (OPT, XGLM, BioGPT: self.fc1 / self.fc2).
+LAYER_CLASS = re.compile(r"Layer$|Block$")
 NORM_CLASS = re.compile(r"Norm")
 QUERY = {"q_proj", "query", "q"}
 KEY_VALUE = {"k_proj", "v_proj", "key", "value", "k", "v"}
 ATTENTION_OUT = {"o_proj", "out_proj", "dense", "o"}
-FEED_FORWARD_IN = {"gate_proj", "up_proj", "fc1", "w1", "w3", "c_fc"}
-FEED_FORWARD_OUT = {"down_proj", "fc2", "w2", "c_proj"}
-EMBEDDINGS = {"embed_tokens", "wte", "word_embeddings"}
+FEED_FORWARD_IN = {"gate_proj", "up_proj", "fc1", "w1", "w3", "c_fc", "fc_in", "dense_h_to_4h"}
+FEED_FORWARD_OUT = {"down_proj", "fc2", "w2", "c_proj", "fc_out", "dense_4h_to_h"}
+LAYER_FEED_FORWARD = {"fc1": "column", "fc2": "row"}
+EMBEDDINGS = {"embed_tokens", "wte", "word_embeddings", "embed_in"}
+# Learned position embeddings are [max_positions, hidden], not vocabulary-sized: every rank needs every row.
+POSITION_EMBEDDINGS = {"wpe", "position_embeddings", "embed_positions"}
+LM_HEADS = {"lm_head", "embed_out"}
 HF_PLAN_STYLES = {"colwise": "column", "rowwise": "row"}
 
 
@@ -47,6 +59,11 @@ class WeightRole:
 class TensorParallelPlan:
     roles: dict[tuple[str, str], WeightRole] = field(default_factory=dict)
     reductions: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    @property
+    def replicated_by_default(self) -> list[str]:
+        """Every weight ("Class.attribute") no source gave a role, so replicated: what a person should review."""
+        return [f"{cls}.{attribute}" for (cls, attribute), role in self.roles.items() if role.source == "default"]
 
     def role_of(self, class_name: str, attribute: str) -> WeightRole:
         return self.roles[(class_name, attribute)]
@@ -88,12 +105,14 @@ def _experts_role(class_spec, attribute: str) -> WeightRole | None:
     return None
 
 
-def _rule_role(class_name: str, attribute: str, kind: str) -> WeightRole | None:
+def _rule_role(class_name: str, attribute: str, kind: str, key_value_heads: str) -> WeightRole | None:
     if kind != "linear" and ROUTER_CLASS.search(class_name):
         return WeightRole("replicated")
     if kind == "embedding" and attribute in EMBEDDINGS:
         return WeightRole("vocab_embedding", "embed_tp")
-    if kind == "linear" and attribute == "lm_head":
+    if kind == "embedding" and attribute in POSITION_EMBEDDINGS:
+        return WeightRole("replicated")
+    if kind == "linear" and attribute in LM_HEADS:
         return WeightRole("lm_head", "lmhead_tp")
     if kind == "parameter" and NORM_CLASS.search(class_name):
         return WeightRole("replicated")
@@ -103,7 +122,7 @@ def _rule_role(class_name: str, attribute: str, kind: str) -> WeightRole | None:
         if attribute in QUERY:
             return WeightRole("column", "attn_tp", "config.num_attention_heads")
         if attribute in KEY_VALUE:
-            return WeightRole("column", "attn_tp", "config.num_key_value_heads")
+            return WeightRole("column", "attn_tp", key_value_heads)
         if attribute in ATTENTION_OUT:
             return WeightRole("row", "attn_tp", "config.num_attention_heads")
     if FEED_FORWARD_CLASS.search(class_name):
@@ -111,6 +130,8 @@ def _rule_role(class_name: str, attribute: str, kind: str) -> WeightRole | None:
             return WeightRole("column", "moe_tp")
         if attribute in FEED_FORWARD_OUT:
             return WeightRole("row", "moe_tp")
+    if LAYER_CLASS.search(class_name) and attribute in LAYER_FEED_FORWARD:
+        return WeightRole(LAYER_FEED_FORWARD[attribute], "moe_tp")
     return None
 
 
@@ -131,48 +152,59 @@ def _override_role(entry: dict, where: str) -> WeightRole:
     return WeightRole(entry["role"], entry.get("group"), entry.get("num_heads"), entry.get("dim"), "override")
 
 
-def plan_tensor_parallel(spec: ModelSpec) -> TensorParallelPlan:
+def _add_override_roles(plan: TensorParallelPlan, spec: ModelSpec, weights: dict[tuple[str, str], str]) -> None:
     override_weights, override_reductions = _load_overrides(spec)
     path = _override_file(spec)
-    weights = {
-        (class_name, weight.attribute): weight.kind
-        for class_name, class_spec in spec.classes.items()
-        for weight in class_spec.weights
-    }
-    plan = TensorParallelPlan()
     for key, entry in override_weights.items():
         class_name, _, attribute = key.partition(".")
         if (class_name, attribute) not in weights:
-            raise ScaffoldError(f"{path}: '{key}' names no weight of {spec.source.display_modeling}")
+            raise ScaffoldError(f"{path}: '{key}' names no weight the causal LM of {spec.source.display_modeling} "
+                                f"builds")
         plan.roles[(class_name, attribute)] = _override_role(entry, f"{path}: '{key}'")
     for key, group in override_reductions.items():
         class_name, _, attribute = key.partition(".")
         if class_name not in spec.classes or group not in GROUPS:
             raise ScaffoldError(f"{path}: reduction '{key}: {group}' names no class of the model or no TP group")
         plan.reductions[(class_name, attribute)] = group
-    experts_classes = {name for name, class_spec in spec.classes.items() if class_spec.is_experts}
-    for class_name, class_spec in spec.classes.items():
+
+
+def _add_experts_reductions(plan: TensorParallelPlan, classes: dict) -> None:
+    """Each rank's experts hold a slice of the intermediate dim: their caller's result is summed over moe_tp."""
+    experts_classes = {name for name, class_spec in classes.items() if class_spec.is_experts}
+    for class_name, class_spec in classes.items():
         for attribute, child in class_spec.children.items():
             if child in experts_classes:
                 plan.reductions.setdefault((class_name, attribute), "moe_tp")
+
+
+def _derived_role(spec: ModelSpec, class_name: str, attribute: str, kind: str,
+                  hf_roles: dict[str, str]) -> WeightRole:
+    """Experts layout, then name rules, then the config's base_model_tp_plan; otherwise replicated."""
+    class_spec = spec.classes[class_name]
+    role = _experts_role(class_spec, attribute) if class_spec.is_experts and kind == "parameter" else None
+    role = role or _rule_role(class_name, attribute, kind, spec.key_value_heads)
+    if role is None and attribute in hf_roles and kind == "linear":
+        group = "attn_tp" if ATTENTION_CLASS.search(class_name) else "moe_tp"
+        role = WeightRole(hf_roles[attribute], group, source="base_model_tp_plan")
+    return role or WeightRole("replicated", source="default")
+
+
+def plan_tensor_parallel(spec: ModelSpec) -> TensorParallelPlan:
+    classes = spec.causal_lm_classes()
+    weights = {
+        (class_name, weight.attribute): weight.kind
+        for class_name, class_spec in classes.items()
+        for weight in class_spec.weights
+    }
+    plan = TensorParallelPlan()
+    _add_override_roles(plan, spec, weights)
+    _add_experts_reductions(plan, classes)
     hf_roles = _hf_plan_roles(spec)
-    unplanned = []
     for (class_name, attribute), kind in weights.items():
-        if (class_name, attribute) in plan.roles:
-            continue
-        class_spec = spec.classes[class_name]
-        role = _experts_role(class_spec, attribute) if class_spec.is_experts and kind == "parameter" else None
-        role = role or _rule_role(class_name, attribute, kind)
-        if role is None and attribute in hf_roles and kind == "linear":
-            group = "attn_tp" if ATTENTION_CLASS.search(class_name) else "moe_tp"
-            role = WeightRole(hf_roles[attribute], group, source="base_model_tp_plan")
-        if role is None:
-            unplanned.append(f"{class_name}.{attribute} ({kind})")
-        else:
-            plan.roles[(class_name, attribute)] = role
-    if unplanned:
-        raise ScaffoldError(
-            f"no tensor-parallel role for {', '.join(unplanned)}; give each one in {path} "
-            f"(roles: {', '.join(ROLES)})"
-        )
+        if (class_name, attribute) not in plan.roles:
+            plan.roles[(class_name, attribute)] = _derived_role(spec, class_name, attribute, kind, hf_roles)
+    if plan.replicated_by_default:
+        logger.warning("%s: replicated on every rank (no override, base_model_tp_plan entry or name rule gives a "
+                       "role; check the TP>1 verification, or give one in %s): %s", spec.source.name,
+                       _override_file(spec), ", ".join(plan.replicated_by_default))
     return plan

@@ -56,6 +56,7 @@ def port_files(spec: ModelSpec) -> dict[str, str]:
         "transformers_version": spec.source.transformers_version,
         "regenerate_command": spec.source.regenerate_command,
         "weights_by_module": _weights_by_module(spec, plan),
+        "replicated_by_default": plan.replicated_by_default,
     }
     files = {
         SHARED_PACKAGE_INIT: '"""Ports written by recipes-scaffold, one package per model."""\n',
@@ -94,7 +95,7 @@ def header_lines(spec: ModelSpec, relative_path: str) -> list[str]:
 
 def _weights_by_module(spec: ModelSpec, plan: TensorParallelPlan) -> list[tuple[str, str]]:
     rows = []
-    for class_name, class_spec in spec.classes.items():
+    for class_name, class_spec in spec.causal_lm_classes().items():
         described = []
         for weight in class_spec.weights:
             role = plan.role_of(class_name, weight.attribute)

@@ -36,14 +36,22 @@ TINY_DIMENSIONS = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 16,
+    "rotary_dim": 8,  # GPT-J / CodeGen: rotate part of each 16-wide head
     "intermediate_size": 64,
     "num_local_experts": 4,
+    "num_experts": 4,
+    "n_routed_experts": 4,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 64,
+    # DeepSeek-style models keep their first k layers dense: with k=1 of 2 layers both kinds are checked.
+    "first_k_dense_replace": 1,
     "num_experts_per_tok": 2,
     "sliding_window": 8,
     "initializer_range": 0.1,
 }
 ARCHITECTURE_OVERRIDES: dict[str, dict] = {
     "gpt_oss": {"layer_types": ["sliding_attention", "full_attention"]},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # one entry per layer: 2 layers
 }
 
 
@@ -64,12 +72,17 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return wrapped
 
 
+def _settable(config: PreTrainedConfig, key: str) -> bool:
+    """The config has `key` as a plain attribute, not a derived read-only property (Falcon's head_dim)."""
+    return hasattr(config, key) and not isinstance(getattr(type(config), key, None), property)
+
+
 def tiny_config(model_type: str, tokenizer: PreTrainedTokenizerFast, **overrides) -> PreTrainedConfig:
     try:
         defaults = AutoConfig.for_model(model_type)
     except ValueError:
         raise ScaffoldError(f"transformers has no config for model_type '{model_type}'") from None
-    values = {key: value for key, value in TINY_DIMENSIONS.items() if hasattr(defaults, key)}
+    values = {key: value for key, value in TINY_DIMENSIONS.items() if _settable(defaults, key)}
     values.update(ARCHITECTURE_OVERRIDES.get(model_type, {}))
     values.update(overrides)
     values.update(

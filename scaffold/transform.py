@@ -12,7 +12,8 @@ import libcst.matchers as m
 from libcst.codemod import CodemodCommand, CodemodContext
 
 from scaffold.errors import ScaffoldError
-from scaffold.inspect import ModelSpec
+from scaffold.inspect import ModelSpec, defined_name, names_used, reachable_definitions
+from scaffold.merge_linears import MERGED_LAYER, merge_sibling_linears
 from scaffold.plan import TensorParallelPlan, WeightRole
 
 SETTINGS = "runner_settings"
@@ -47,27 +48,6 @@ class _AbsoluteImports(cst.CSTTransformer):
         return updated_node.with_changes(relative=[], module=cst.parse_expression(".".join(base)))
 
 
-class _NameCollector(cst.CSTVisitor):
-    def __init__(self):
-        super().__init__()
-        self.names: set[str] = set()
-
-    def visit_Name(self, node: cst.Name) -> None:
-        self.names.add(node.value)
-
-
-def _names_used(node: cst.CSTNode) -> set[str]:
-    collector = _NameCollector()
-    node.visit(collector)
-    return collector.names
-
-
-def _defined_name(statement: cst.CSTNode) -> str | None:
-    if isinstance(statement, (cst.ClassDef, cst.FunctionDef)):
-        return statement.name.value
-    return None
-
-
 class PruneToCausalLMCommand(CodemodCommand):
     """Keep only the classes and functions the causal LM reaches; drop heads (sequence classification, …)
     and the imports nothing uses any more, and list what is left in `__all__`."""
@@ -79,24 +59,15 @@ class PruneToCausalLMCommand(CodemodCommand):
         self.root = root
 
     def transform_module_impl(self, updated_node: cst.Module) -> cst.Module:
-        definitions = {
-            name: statement for statement in updated_node.body if (name := _defined_name(statement)) is not None
-        }
-        reachable, frontier = set(), [self.root]
-        while frontier:
-            name = frontier.pop()
-            if name in reachable or name not in definitions:
-                continue
-            reachable.add(name)
-            frontier.extend(_names_used(definitions[name]) & definitions.keys())
+        reachable = reachable_definitions(updated_node, self.root)
         kept = [
             statement
             for statement in updated_node.body
-            if _defined_name(statement) is None or _defined_name(statement) in reachable
+            if defined_name(statement) is None or defined_name(statement) in reachable
         ]
         kept = [self._prune_all(statement, reachable) for statement in kept]
         imports = m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()])
-        used = set().union(*(_names_used(statement) for statement in kept if not m.matches(statement, imports)))
+        used = set().union(*(names_used(statement) for statement in kept if not m.matches(statement, imports)))
         return updated_node.with_changes(body=[s for s in (self._drop_unused(s, used) for s in kept) if s])
 
     @staticmethod
@@ -150,11 +121,40 @@ class ThreadRunnerSettingsCommand(CodemodCommand):
         return tree.visit(_ThreadRunnerSettings(self.spec))
 
 
+def _constructor_class(spec: ModelSpec, name: str) -> str:
+    """The class whose `__init__` builds `name`: itself, or the base it inherits `__init__` from."""
+    bases = spec.classes[name].bases
+    while not spec.classes[name].init_params and bases and bases[0] in spec.classes:
+        name = bases[0]
+        bases = spec.classes[name].bases
+    return name
+
+
+def _class_tables(spec: ModelSpec, threaded: set[str]) -> dict[str, str]:
+    """Module-level dicts of threaded classes, e.g. `ATTENTION_CLASSES = {"eager": FalconAttention, ...}`, whose
+    entries are built as `ATTENTION_CLASSES[implementation](config, layer_idx)`: table name → the class whose
+    `__init__` they share."""
+    tables = {}
+    module = spec.modeling
+    table = m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Dict())])
+    for statement in module.body:
+        if not m.matches(statement, table):
+            continue
+        values = [element.value for element in statement.body[0].value.elements if isinstance(element, cst.DictElement)]
+        if not values or not all(isinstance(value, cst.Name) and value.value in spec.classes for value in values):
+            continue
+        constructors = {_constructor_class(spec, value.value) for value in values}
+        if len(constructors) == 1 and constructors <= threaded:
+            tables[statement.body[0].targets[0].target.value] = constructors.pop()
+    return tables
+
+
 class _ThreadRunnerSettings(cst.CSTTransformer):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
         self.threaded = set(spec.classes_taking_config())
+        self.class_tables = _class_tables(spec, self.threaded)
         self._class_stack: list[str] = []
         self._function_stack: list[str] = []
 
@@ -203,10 +203,18 @@ class _ThreadRunnerSettings(cst.CSTTransformer):
         has_docstring = m.matches(body[0], m.SimpleStatementLine(body=[m.Expr(m.SimpleString())])) if body else False
         return 1 if has_docstring else 0
 
+    def _threaded_callee(self, func: cst.BaseExpression) -> str | None:
+        """The threaded class a call builds: `Attention(...)`, or `ATTENTION_CLASSES[...](...)` from a class table."""
+        if isinstance(func, cst.Name) and func.value in self.threaded:
+            return func.value
+        if m.matches(func, m.Subscript(value=m.Name())) and func.value.value in self.class_tables:
+            return self.class_tables[func.value.value]
+        return None
+
     def leave_Call(self, original_node: cst.Call, updated_node: cst.Call) -> cst.Call:
-        if not (isinstance(updated_node.func, cst.Name) and updated_node.func.value in self.threaded):
+        callee = self._threaded_callee(updated_node.func)
+        if callee is None:
             return updated_node
-        callee = updated_node.func.value
         if not (self._function_stack == ["__init__"] and self._class_stack and self._class_stack[-1] in self.threaded):
             where = ".".join(self._class_stack + self._function_stack) or "module level"
             raise ScaffoldError(
@@ -241,7 +249,7 @@ class AddMethodCommand(CodemodCommand):
 
     def transform_module_impl(self, tree: cst.Module) -> cst.Module:
         tree = tree.with_changes(body=[
-            self._add_to(statement) if _defined_name(statement) == self.class_name else statement
+            self._add_to(statement) if defined_name(statement) == self.class_name else statement
             for statement in tree.body
         ])
         for module in sorted({module for module, _ in self.imports}):
@@ -250,7 +258,7 @@ class AddMethodCommand(CodemodCommand):
 
     def _add_to(self, updated_node: cst.ClassDef) -> cst.ClassDef:
         body = list(updated_node.body.body)
-        names = [_defined_name(statement) for statement in body]
+        names = [defined_name(statement) for statement in body]
         if self.method.name.value in names:
             body.pop(names.index(self.method.name.value))
             names.remove(self.method.name.value)
@@ -337,7 +345,8 @@ def _with_trailing_args(call: cst.Call, extra: list[cst.Arg]) -> list[cst.Arg]:
 
 class ApplyTensorParallelPlanCommand(CodemodCommand):
     """Swap nn.Linear / nn.Embedding / nn.Parameter for the parallel layers the plan assigns, make per-rank head
-    counts local, and sum partial outputs (e.g. experts) over their group where the plan says so."""
+    counts local, sum partial outputs (e.g. experts) over their group where the plan says so, and merge sibling
+    column layers that read one input (q|k|v, gate|up) into one matmul."""
 
     DESCRIPTION = "Apply the tensor-parallel plan."
 
@@ -348,8 +357,9 @@ class ApplyTensorParallelPlanCommand(CodemodCommand):
 
     def transform_module_impl(self, tree: cst.Module) -> cst.Module:
         transformer = _ApplyPlan(self.spec, self.plan)
-        tree = tree.visit(transformer)
-        return _import_after_last_import(tree, LAYERS_MODULE, sorted(transformer.imports))
+        tree, merged = merge_sibling_linears(tree.visit(transformer))
+        candidates = transformer.imports | ({MERGED_LAYER} if merged else set())
+        return _import_after_last_import(tree, LAYERS_MODULE, sorted(candidates & names_used(tree)))
 
 
 def _import_after_last_import(tree: cst.Module, module: str, names: list[str]) -> cst.Module:

@@ -43,7 +43,8 @@ def test_heads_tp_cannot_split_fail_before_any_weight_is_read(tiny_gpt_oss, tmp_
                              "--config", str(config)], capture_output=True, text=True, env=ENV, cwd=REPO,
                             timeout=300)
     assert result.returncode != 0
-    assert "layer 'model.layers.0.self_attn.q_proj': 4 heads cannot be split over attn_tp_size 3" in result.stderr
+    assert ("layer 'model.layers.0.self_attn.qkv_proj': 4 heads of q_proj cannot be split over attn_tp_size 3"
+            in result.stderr)
     assert "model.safetensors" not in result.stderr
 
 

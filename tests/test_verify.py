@@ -28,11 +28,13 @@ class OffByOnePositionsRunner(GptOssRunner):
 
 
 class MisShardedRunner(GptOssRunner):
-    """Loads layer 0's q_proj with its two halves swapped, as a wrong column split would."""
+    """Loads layer 0's q rows (the first segment of the merged q|k|v) with their two halves swapped, as a wrong
+    column split would."""
 
     def _process_weight_after_loading(self):
-        weight = self.model.model.layers[0].self_attn.q_proj.weight
-        weight.data = torch.cat(weight.data.chunk(2, dim=0)[::-1])
+        qkv_proj = self.model.model.layers[0].self_attn.qkv_proj
+        query = qkv_proj.weight.data[: qkv_proj.split_sizes[0]]
+        query.copy_(torch.cat(query.chunk(2, dim=0)[::-1]))
         super()._process_weight_after_loading()
 
 

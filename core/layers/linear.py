@@ -25,14 +25,22 @@ class SegmentedColumnLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, segments: list[Segment], bias: bool, group: str,
-                 interleaved: bool = False):
+                 interleaved: bool = False, checkpoint_names: list[str] | None = None):
         super().__init__(in_features, sum(segment.local for segment in segments), bias=bias)
         self.tp_group = get_tp_group(group)
         self.segments = segments
         self.interleaved = interleaved
         self.partition_problem = next((segment.problem for segment in segments if segment.problem), None)
-        for param in self.parameters():
+        for leaf, param in self.named_parameters():
             param.weight_loader = self.weight_loader
+            if checkpoint_names is not None:
+                # Segment i is stored as its own layer, a sibling of this one: `<parent>.<name_i>.<leaf>`.
+                param.merged_from = [f"{name}.{leaf}" for name in checkpoint_names]
+
+    @property
+    def split_sizes(self) -> list[int]:
+        """This rank's size of each segment, in order: `output.split(layer.split_sizes, dim=-1)`."""
+        return [segment.local for segment in self.segments]
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id: int | None = None) -> None:
         expected_rows = sum(s.full for s in self.segments) if shard_id is None else self.segments[shard_id].full
@@ -72,15 +80,27 @@ class ColumnParallelLinear(SegmentedColumnLinear):
 
 
 class MergedColumnParallelLinear(SegmentedColumnLinear):
-    """Several column outputs in one matmul (gate|up), each split over `group`."""
+    """Several column outputs in one matmul (q|k|v, gate|up), each split over `group`: evenly, or by whole heads
+    where `num_heads` gives the segment's head count.
+
+    checkpoint_names: the segments are separate layers on disk (`q_proj`, `k_proj`, `v_proj`), siblings of this
+    one; without it the checkpoint holds this layer's own fused tensor.
+    """
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = True, group: str = "moe_tp",
-                 interleaved: bool = False):
+                 interleaved: bool = False, num_heads: list[int | None] | None = None,
+                 checkpoint_names: list[str] | None = None):
         tp = get_tp_group(group)
         if interleaved and len(set(output_sizes)) != 1:
             raise ValueError(f"interleaved segments must be of equal size, got {output_sizes}")
-        super().__init__(in_features, [split_evenly(size, tp, "output features") for size in output_sizes],
-                         bias, group, interleaved)
+        heads = num_heads or [None] * len(output_sizes)
+        names = [f" of {name}" for name in checkpoint_names] if checkpoint_names else [""] * len(output_sizes)
+        segments = [
+            split_evenly(size, tp, f"output features{name}") if count is None
+            else split_heads(count, size // count, tp, f"heads{name}")
+            for size, count, name in zip(output_sizes, heads, names)
+        ]
+        super().__init__(in_features, segments, bias, group, interleaved, checkpoint_names)
 
 
 class QKVParallelLinear(SegmentedColumnLinear):

@@ -1,0 +1,190 @@
+"""SmolLM2-135M-Instruct decode and prefill speed: HF against the llama port, on one checkpoint, in one process.
+
+    python bench/real_model.py [--batches 1 8] [--dtypes float32 bfloat16] [--new-tokens 32] [--repeats 3]
+                               [--json results/bench_real_model.json]
+
+Contenders, per dtype and batch size: (a) HF eager `generate`; (b) HF `generate` with a static cache, which
+then compiles its decode forward with torch.compile (HF's CompileConfig defaults); (c) the port in `eager`; (d) the port in `inductor`. Each warms up once (compiling
+what it compiles), then they run in turn, `--repeats` rounds, so drift hits all alike; a figure is the median
+over rounds. The machine's memory read bandwidth is measured in the same run: the decode roofline is that
+bandwidth over the bytes of weights one decode step reads (every parameter once; an untied input embedding only
+gathers rows, so it is left out), and each decode figure is also given as a fraction of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CompileConfig,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
+
+from core.gguf_import import import_gguf, packaged_smollm2_gguf
+from generated_models.llama.runner_llama import LlamaRunner
+
+CHECKPOINT = Path("build/checkpoints/SmolLM2-135M-Instruct")
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a language model is, in two sentences.",
+    "List three primary colours.",
+    "def fibonacci(n):",
+    "Translate 'good morning' into German.",
+    "Why is the sky blue?",
+    "Give me a synonym for 'happy'.",
+]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
+    """Best of `repeats` full reads (a sum) of a buffer far larger than the caches, in GB/s."""
+    buffer = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - started)
+    return buffer.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    embedding = model.get_input_embeddings().weight
+    tied = embedding is model.get_output_embeddings().weight
+    total = sum(param.numel() * param.element_size() for param in model.parameters())
+    return total if tied else total - embedding.numel() * embedding.element_size()
+
+
+class _StepClock(LogitsProcessor):
+    """Called once per generated token, right after the forward: the gaps between calls are the steps."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+class HfContender:
+    def __init__(self, dtype: torch.dtype, compiled: bool, new_tokens: int):
+        self.tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT, padding_side="left")
+        self.model = AutoModelForCausalLM.from_pretrained(CHECKPOINT, dtype=dtype).eval()
+        self.config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                       eos_token_id=None, pad_token_id=self.tokenizer.pad_token_id)
+        if compiled:
+            # HF's own route: a static cache makes generate() compile the decode forward; on CPU it must be told
+            # to (compile_config's _compile_all_devices), otherwise it compiles only on accelerators.
+            self.config.cache_implementation = "static"
+            self.config.compile_config = CompileConfig()
+            self.config.compile_config._compile_all_devices = True
+
+    def run(self, prompts: list[str]) -> dict[str, float]:
+        batch = self.tokenizer(prompts, padding="longest", return_tensors="pt")
+        clock = _StepClock()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            self.model.generate(**batch, generation_config=self.config, logits_processor=LogitsProcessorList([clock]))
+        steps = [later - earlier for earlier, later in zip(clock.stamps, clock.stamps[1:])]
+        return {"prefill_ms": (clock.stamps[0] - started) * 1000, "decode_ms": statistics.median(steps) * 1000}
+
+
+class PortContender:
+    def __init__(self, dtype: str, exe_mode: str, batch_size: int, new_tokens: int):
+        self.runner = LlamaRunner({
+            "model_name": "llama", "model_path": str(CHECKPOINT), "exe_mode": exe_mode,
+            "model_config": {"dtype": dtype, "device": "cpu"},
+            "data_config": {"input_max_len": 32, "max_new_tokens": new_tokens, "batch_size": batch_size},
+        })
+        self.runner.init_model()
+        self.model = self.runner.model
+
+    def run(self, prompts: list[str]) -> dict[str, float]:
+        timing = self.runner.model_generate(prompts, ignore_eos=True).timing
+        return {"prefill_ms": timing["prefill_ms"], "decode_ms": timing["decode_ms_p50"]}
+
+
+def contenders(dtype: str, batch_size: int, new_tokens: int) -> dict:
+    return {
+        "HF eager generate": lambda: HfContender(DTYPES[dtype], False, new_tokens),
+        "HF static cache + compile": lambda: HfContender(DTYPES[dtype], True, new_tokens),
+        "port eager": lambda: PortContender(dtype, "eager", batch_size, new_tokens),
+        "port inductor": lambda: PortContender(dtype, "inductor", batch_size, new_tokens),
+    }
+
+
+def measure(dtype: str, batch_size: int, new_tokens: int, repeats: int, bandwidth: float) -> list[dict]:
+    prompts = PROMPTS[:batch_size]
+    built, compile_s = {}, {}
+    for name, build in contenders(dtype, batch_size, new_tokens).items():
+        started = time.perf_counter()
+        built[name] = build()
+        built[name].run(prompts)
+        compile_s[name] = time.perf_counter() - started
+    rounds = [{name: contender.run(prompts) for name, contender in built.items()} for _ in range(repeats)]
+    weight_bytes = weight_bytes_per_step(next(iter(built.values())).model)
+    roofline_steps_per_s = bandwidth * 1e9 / weight_bytes
+    rows = []
+    for name in built:
+        decode_ms = statistics.median(round_[name]["decode_ms"] for round_ in rounds)
+        rows.append({
+            "dtype": dtype, "batch": batch_size, "contender": name,
+            "prefill_ms": round(statistics.median(round_[name]["prefill_ms"] for round_ in rounds), 1),
+            "decode_ms": round(decode_ms, 2),
+            "decode_tokens_per_s": round(batch_size * 1000 / decode_ms, 1),
+            "vs_hf_eager": round(statistics.median(
+                round_["HF eager generate"]["decode_ms"] / round_[name]["decode_ms"] for round_ in rounds), 2),
+            "vs_hf_compiled": round(statistics.median(
+                round_["HF static cache + compile"]["decode_ms"] / round_[name]["decode_ms"] for round_ in rounds), 2),
+            "roofline_fraction": round(1000 / decode_ms / roofline_steps_per_s, 3),
+            "weight_bytes_per_step": weight_bytes,
+            "warm_up_s": round(compile_s[name], 1),
+        })
+    del built
+    return rows
+
+
+def print_table(rows: list[dict], bandwidth: float) -> None:
+    print(f"SmolLM2-135M-Instruct, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; read bandwidth {bandwidth:.1f} GB/s")
+    header = (f"{'dtype':<9} {'batch':>5} {'contender':<26} {'prefill ms':>10} {'decode ms':>9} {'tok/s':>7} "
+              f"{'vs HF eager':>11} {'vs HF compiled':>14} {'roofline':>8} {'warm-up s':>9}")
+    print(header)
+    for row in rows:
+        print(f"{row['dtype']:<9} {row['batch']:>5} {row['contender']:<26} {row['prefill_ms']:>10.1f} "
+              f"{row['decode_ms']:>9.2f} {row['decode_tokens_per_s']:>7.1f} {row['vs_hf_eager']:>10.2f}x "
+              f"{row['vs_hf_compiled']:>13.2f}x {row['roofline_fraction']:>8.0%} {row['warm_up_s']:>9.1f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], choices=range(1, len(PROMPTS) + 1))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=Path("results/bench_real_model.json"))
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    import_gguf(packaged_smollm2_gguf(), CHECKPOINT)
+    bandwidth = read_bandwidth_gb_s()
+    rows = [row for dtype in args.dtypes for batch in args.batches
+            for row in measure(dtype, batch, args.new_tokens, args.repeats, bandwidth)]
+    print_table(rows, bandwidth)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"read_bandwidth_gb_s": round(bandwidth, 2), "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -104,7 +104,9 @@ class _ForeignReferences(cst.CSTVisitor):
             self.names.add(node.attr.value)
 
 
-class _Assigned(cst.CSTVisitor):
+class _NamesUsed(cst.CSTVisitor):
+    """Every name a node mentions (read or written)."""
+
     def __init__(self):
         super().__init__()
         self.names: set[str] = set()
@@ -114,7 +116,7 @@ class _Assigned(cst.CSTVisitor):
 
 
 def _names_in(node: cst.CSTNode) -> set[str]:
-    collector = _Assigned()
+    collector = _NamesUsed()
     node.visit(collector)
     return collector.names
 

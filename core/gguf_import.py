@@ -11,7 +11,6 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import logging
 import shutil
 import sys
 import tempfile
@@ -22,8 +21,6 @@ import torch
 
 from core.cli import exit_on_user_error
 from core.errors import CheckpointError
-
-logger = logging.getLogger(__name__)
 
 STAMP_FILE = "gguf_source.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -34,6 +34,11 @@ class StaticKVCache:
                   device: torch.device) -> "StaticKVCache":
         """Sized from the model config, with this rank's share of the KV heads under attention TP."""
         num_heads = config.num_attention_heads
+        if getattr(config, "kv_lora_rank", None):
+            # Multi-head latent attention caches the compressed latents, one "head" shared by every query head
+            # (and whole on every rank): the kv latent as the key, the rotated key part as the value.
+            return cls(config.num_hidden_layers, batch_size, 1, config.kv_lora_rank, max_len, dtype, device,
+                       value_head_dim=config.qk_rope_head_dim)
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         return cls(config.num_hidden_layers, batch_size, local_heads(num_kv_heads, "attn_tp"), head_dim, max_len,

@@ -69,6 +69,12 @@ class ModelSpec:
         return "config.num_attention_heads"
 
     @property
+    def has_grouped_kv_heads(self) -> bool:
+        """The config sets the KV head count on its own (GQA/MQA); latent attention (DeepSeek's kv_lora_rank)
+        expands its KV latent to every query head instead."""
+        return "num_key_value_heads" in self.config_attributes and "kv_lora_rank" not in self.config_attributes
+
+    @property
     def camel_name(self) -> str:
         return self.causal_lm_class.removesuffix("ForCausalLM")
 
@@ -79,6 +85,19 @@ class ModelSpec:
         """The classes the causal LM reaches, in file order: what the port keeps (task heads, vision and audio
         towers the causal LM never builds are pruned, so they need no tensor-parallel plan)."""
         return {name: spec for name, spec in self.classes.items() if name in self.reachable}
+
+
+def constructed_call(value: cst.BaseExpression) -> cst.Call | None:
+    """The constructor call an attribute is assigned: `X(...)`, or an optional one, `X(...) if c else None`
+    (DeepSeek's q_a_proj exists only with a q_lora_rank)."""
+    if isinstance(value, cst.Call):
+        return value
+    if isinstance(value, cst.IfExp):
+        branches = [value.body, value.orelse]
+        calls = [branch for branch in branches if isinstance(branch, cst.Call)]
+        if len(calls) == 1 and any(m.matches(branch, m.Name("None")) for branch in branches):
+            return calls[0]
+    return None
 
 
 def _dotted(node: cst.BaseExpression) -> str:
@@ -132,14 +151,15 @@ class _ClassCollector(cst.CSTVisitor):
             self._method = None
 
     def visit_Assign(self, node: cst.Assign) -> None:
-        if not self._class_stack or self._method != "__init__" or not isinstance(node.value, cst.Call):
+        call = constructed_call(node.value)
+        if not self._class_stack or self._method != "__init__" or call is None:
             return
         target = node.targets[0].target
-        constructor = _dotted(node.value.func).split(".")[-1]
-        if m.matches(target, m.Attribute(value=m.Name("self"))) and isinstance(node.value.func, cst.Name):
+        constructor = _dotted(call.func).split(".")[-1]
+        if m.matches(target, m.Attribute(value=m.Name("self"))) and isinstance(call.func, cst.Name):
             self._class_stack[-1].children[target.attr.value] = constructor
         if m.matches(target, m.Attribute(value=m.Name("self"))) and constructor in WEIGHT_CONSTRUCTORS:
-            arguments = self.module.code_for_node(node.value).split("(", 1)[1].rsplit(")", 1)[0]
+            arguments = self.module.code_for_node(call).split("(", 1)[1].rsplit(")", 1)[0]
             self._class_stack[-1].weights.append(
                 WeightSpec(target.attr.value, WEIGHT_CONSTRUCTORS[constructor], " ".join(arguments.split()))
             )

@@ -23,7 +23,7 @@ from scaffold.inspect import ModelSpec
 logger = logging.getLogger(__name__)
 
 OVERRIDES_DIR = Path(__file__).resolve().parent / "overrides"
-ROLES = ("column", "row", "vocab_embedding", "lm_head", "sharded", "summand", "replicated")
+ROLES = ("column", "merged_column", "row", "vocab_embedding", "lm_head", "sharded", "summand", "replicated")
 GROUPS = ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")
 
 ATTENTION_CLASS = re.compile(r"Attention")
@@ -32,8 +32,12 @@ FEED_FORWARD_CLASS = re.compile(r"MLP|Experts|MoE|FeedForward|Moe")
 # Decoder layers that hold their feed-forward pair directly (OPT, XGLM, BioGPT: self.fc1 / self.fc2).
 LAYER_CLASS = re.compile(r"Layer$|Block$")
 NORM_CLASS = re.compile(r"Norm")
-QUERY = {"q_proj", "query", "q"}
+QUERY = {"q_proj", "query", "q", "q_b_proj"}
 KEY_VALUE = {"k_proj", "v_proj", "key", "value", "k", "v"}
+# Multi-head latent attention: down-projections to the shared latents (whole on every rank), and the
+# up-projection of the kv latent to every head's key and value (split by heads).
+LATENT_DOWN = {"q_a_proj", "kv_a_proj_with_mqa"}
+LATENT_KEY_VALUE_UP = {"kv_b_proj"}
 ATTENTION_OUT = {"o_proj", "out_proj", "dense", "o"}
 FEED_FORWARD_IN = {"gate_proj", "up_proj", "fc1", "w1", "w3", "c_fc", "fc_in", "dense_h_to_4h"}
 FEED_FORWARD_OUT = {"down_proj", "fc2", "w2", "c_proj", "fc_out", "dense_4h_to_h"}
@@ -53,6 +57,9 @@ class WeightRole:
     dim: int | None = None
     source: str = "rule"
     segments: int = 1
+    # merged_column: a linear fused on disk (Phi-3's qkv_proj), one output size and head count per segment.
+    output_sizes: tuple[str, ...] = ()
+    segment_heads: tuple[str | None, ...] = ()
 
 
 @dataclass
@@ -119,8 +126,10 @@ def _rule_role(class_name: str, attribute: str, kind: str, key_value_heads: str)
     if kind != "linear":
         return None
     if ATTENTION_CLASS.search(class_name):
-        if attribute in QUERY:
+        if attribute in QUERY or attribute in LATENT_KEY_VALUE_UP:
             return WeightRole("column", "attn_tp", "config.num_attention_heads")
+        if attribute in LATENT_DOWN:
+            return WeightRole("replicated")
         if attribute in KEY_VALUE:
             return WeightRole("column", "attn_tp", key_value_heads)
         if attribute in ATTENTION_OUT:
@@ -149,7 +158,15 @@ def _override_role(entry: dict, where: str) -> WeightRole:
         raise ScaffoldError(f"{where}: each entry needs a role, one of {', '.join(ROLES)}; got {entry!r}")
     if entry.get("group") is not None and entry["group"] not in GROUPS:
         raise ScaffoldError(f"{where}: group {entry['group']!r} is not one of {', '.join(GROUPS)}")
-    return WeightRole(entry["role"], entry.get("group"), entry.get("num_heads"), entry.get("dim"), "override")
+    if entry["role"] != "merged_column":
+        return WeightRole(entry["role"], entry.get("group"), entry.get("num_heads"), entry.get("dim"), "override")
+    sizes, heads = entry.get("output_sizes"), entry.get("num_heads")
+    if not isinstance(sizes, list) or len(sizes) < 2 or not isinstance(heads, list) or len(heads) != len(sizes):
+        raise ScaffoldError(f"{where}: merged_column needs output_sizes (one expression per fused segment, at "
+                            f"least 2) and num_heads (the segment's head count, or null to split it evenly) of "
+                            f"the same length; got {entry!r}")
+    return WeightRole("merged_column", entry.get("group"), source="override", output_sizes=tuple(sizes),
+                      segment_heads=tuple(heads))
 
 
 def _add_override_roles(plan: TensorParallelPlan, spec: ModelSpec, weights: dict[tuple[str, str], str]) -> None:

@@ -57,6 +57,7 @@ def port_files(spec: ModelSpec) -> dict[str, str]:
         "regenerate_command": spec.source.regenerate_command,
         "weights_by_module": _weights_by_module(spec, plan),
         "replicated_by_default": plan.replicated_by_default,
+        "has_grouped_kv_heads": spec.has_grouped_kv_heads,
     }
     files = {
         SHARED_PACKAGE_INIT: '"""Ports written by recipes-scaffold, one package per model."""\n',

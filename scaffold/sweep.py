@@ -323,9 +323,9 @@ def _torchrun_error(message: str, out_dir: Path) -> str:
     raised = [match for match in map(PYTHON_ERROR_LINE.match, message.splitlines())
               if match and "ChildFailedError" not in match.group(1)]
     if not raised:
-        # scaffold.verify exits 1 without an exception when the port runs but differs from HF; the report with
-        # the numbers goes to the ranks' stdout, which verify_port_distributed does not keep.
-        return "port differs from HF eager (ranks exited 1 without an error)"
+        # A rank killed from outside (out of memory, a signal) leaves no Python exception behind.
+        last_line = _first_line(message.strip().splitlines()[-1]) if message.strip() else "no output"
+        return f"torchrun ranks failed without a Python error: {last_line}"
     # The first traceback in the tail is the rank's (torchrun's own comes last).
     rank_traceback = message[:message.index(raised[-1].group(0))]
     frames = [traceback.FrameSummary(filename, int(line), name, lookup_line=False)

@@ -46,12 +46,21 @@ TINY_DIMENSIONS = {
     # DeepSeek-style models keep their first k layers dense: with k=1 of 2 layers both kinds are checked.
     "first_k_dense_replace": 1,
     "num_experts_per_tok": 2,
+    "n_group": 2,  # DeepSeek routing: experts in 2 groups, the best 1 group kept
+    "topk_group": 1,
+    # Multi-head latent attention (DeepSeek V2/V3 and kin): low-rank q and kv, a rotated and a plain part per head.
+    "q_lora_rank": 32,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
     "sliding_window": 8,
     "initializer_range": 0.1,
 }
 ARCHITECTURE_OVERRIDES: dict[str, dict] = {
     "gpt_oss": {"layer_types": ["sliding_attention", "full_attention"]},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # one entry per layer: 2 layers
+    "gemma3_text": {"layer_types": ["sliding_attention", "full_attention"]},
 }
 
 
@@ -83,6 +92,11 @@ def tiny_config(model_type: str, tokenizer: PreTrainedTokenizerFast, **overrides
     except ValueError:
         raise ScaffoldError(f"transformers has no config for model_type '{model_type}'") from None
     values = {key: value for key, value in TINY_DIMENSIONS.items() if _settable(defaults, key)}
+    if "qk_rope_head_dim" in values:
+        # Latent attention's rotary embedding spans only the rotated part of a head, and every head has its own
+        # key and value (expanded from the shared latent), so there are as many KV heads as query heads.
+        values["head_dim"] = values["qk_rope_head_dim"]
+        values["num_key_value_heads"] = values["num_attention_heads"]
     values.update(ARCHITECTURE_OVERRIDES.get(model_type, {}))
     values.update(overrides)
     values.update(

@@ -12,9 +12,9 @@ import libcst.matchers as m
 from libcst.codemod import CodemodCommand, CodemodContext
 
 from scaffold.errors import ScaffoldError
-from scaffold.inspect import ModelSpec, defined_name, names_used, reachable_definitions
+from scaffold.inspect import ModelSpec, constructed_call, defined_name, names_used, reachable_definitions
 from scaffold.merge_linears import MERGED_LAYER, merge_sibling_linears
-from scaffold.plan import TensorParallelPlan, WeightRole
+from scaffold.plan import NORM_CLASS, TensorParallelPlan, WeightRole
 
 SETTINGS = "runner_settings"
 MODULAR_BANNER_MARK = "automatically generated from"
@@ -157,6 +157,11 @@ class _ThreadRunnerSettings(cst.CSTTransformer):
         self.class_tables = _class_tables(spec, self.threaded)
         self._class_stack: list[str] = []
         self._function_stack: list[str] = []
+        # `self.num_heads = config.num_attention_heads` before it is made per-rank: a parallel layer's
+        # constructor takes full sizes, so `self.num_heads * head_dim` there reads the full count.
+        self._full_head_counts: dict[tuple[str, str], cst.BaseExpression] = {}
+        # (class, attribute) of norms over every head at once, filled from __init__ before forward is visited.
+        self._head_spanning_norms: dict[tuple[str, str], str] = {}
 
     def visit_ClassDef(self, node: cst.ClassDef) -> None:
         self._class_stack.append(node.name.value)
@@ -380,10 +385,33 @@ class _ApplyPlan(cst.CSTTransformer):
         self.plan = plan
         self.imports: set[str] = set()
         self._class_stack: list[str] = []
+        self._function_stack: list[str] = []
+        # `self.num_heads = config.num_attention_heads` before it is made per-rank: a parallel layer's
+        # constructor takes full sizes, so `self.num_heads * head_dim` there reads the full count.
+        self._full_head_counts: dict[tuple[str, str], cst.BaseExpression] = {}
+        # (class, attribute) of norms over every head at once, filled from __init__ before forward is visited.
+        self._head_spanning_norms: dict[tuple[str, str], str] = {}
         self._head_classes = {cls for (cls, _), role in plan.roles.items() if role.num_heads}
 
     def visit_ClassDef(self, node: cst.ClassDef) -> None:
         self._class_stack.append(node.name.value)
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+        self._function_stack.append(node.name.value)
+
+    def leave_FunctionDef(self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef) -> cst.FunctionDef:
+        self._function_stack.pop()
+        return updated_node
+
+    def leave_Attribute(self, original_node: cst.Attribute, updated_node: cst.Attribute) -> cst.BaseExpression:
+        """Outside __init__ (which sizes the full layers), a head-sharded class's `self.config.num_*_heads`
+        counts the heads of this rank's activations (Phi-3's `query_pos` slicing its q|k|v output)."""
+        if (self._class_stack and self._class_stack[-1] in self._head_classes
+                and self._function_stack and self._function_stack[-1] != "__init__"
+                and m.matches(updated_node, m.Attribute(value=m.Attribute(value=m.Name("self"), attr=m.Name("config")),
+                                                        attr=m.OneOf(*map(m.Name, HEAD_COUNTS))))):
+            return updated_node.visit(_LocalHeadCounts(self.imports))
+        return updated_node
 
     def leave_ClassDef(self, original_node: cst.ClassDef, updated_node: cst.ClassDef) -> cst.ClassDef:
         """A model's own embedding subclass (e.g. Gemma's scaled embedding) becomes vocab-parallel too."""
@@ -404,12 +432,24 @@ class _ApplyPlan(cst.CSTTransformer):
         if not m.matches(target, m.Attribute(value=m.Name("self"))):
             return updated_node
         class_name, attribute = self._class_stack[-1], target.attr.value
+        head_count = self._norm_head_count(class_name, updated_node.value)
+        if head_count:
+            self._head_spanning_norms[(class_name, attribute)] = head_count
         if class_name in self._head_classes and attribute in HEAD_COUNT_ATTRIBUTES:
+            self._full_head_counts[(class_name, attribute)] = updated_node.value
             return updated_node.with_changes(value=updated_node.value.visit(_LocalHeadCounts(self.imports)))
-        if (class_name, attribute) not in self.plan.roles or not isinstance(updated_node.value, cst.Call):
+        call = constructed_call(updated_node.value)
+        if (class_name, attribute) not in self.plan.roles or call is None:
             return updated_node
-        role = self.plan.role_of(class_name, attribute)
-        return updated_node.with_changes(value=self._parallel_call(updated_node.value, role, class_name, attribute))
+        parallel = self._parallel_call(self._full_head_counts_in(call, class_name), self.plan.role_of(class_name, attribute),
+                                       class_name, attribute)
+        return updated_node.with_changes(value=updated_node.value.deep_replace(call, parallel))
+
+    def _full_head_counts_in(self, call: cst.Call, class_name: str) -> cst.Call:
+        for (owner, attribute), full in self._full_head_counts.items():
+            if owner == class_name:
+                call = m.replace(call, m.Attribute(value=m.Name("self"), attr=m.Name(attribute)), full)
+        return call
 
     def _parallel_call(self, call: cst.Call, role: WeightRole, class_name: str, attribute: str) -> cst.Call:
         if role.role == "replicated":
@@ -421,6 +461,8 @@ class _ApplyPlan(cst.CSTTransformer):
                 extra.append(_keyword("num_heads", cst.parse_expression(role.num_heads)))
             self.imports.add(name)
             return call.with_changes(func=cst.Name(name), args=_with_trailing_args(call, extra))
+        if role.role == "merged_column":
+            return self._merged_column_call(call, role, f"{class_name}.{attribute}")
         self.imports.add("sharded_parameter")
         shape = self._parameter_shape(call, f"{class_name}.{attribute}")
         extra = [_keyword("group", cst.SimpleString(f'"{role.group}"'))]
@@ -432,6 +474,24 @@ class _ApplyPlan(cst.CSTTransformer):
             extra.append(_keyword("summand", cst.Name("True")))
         return cst.Call(cst.Name("sharded_parameter"), args=_with_trailing_args(cst.Call(
             cst.Name("sharded_parameter"), args=[cst.Arg(shape)]), extra))
+
+    def _merged_column_call(self, call: cst.Call, role: WeightRole, where: str) -> cst.Call:
+        """`nn.Linear(hidden, fused_size, bias=...)` → `MergedColumnParallelLinear(hidden, [sizes], bias=...,
+        group=..., num_heads=[...])`: each fused segment is split over the group on its own."""
+        positional = [arg for arg in call.args if arg.keyword is None]
+        if len(positional) != 2:
+            raise ScaffoldError(f"{self.spec.source.display_modeling}: {where} is not built as "
+                                f"nn.Linear(in_features, out_features, ...); merged_column cannot rewrite it")
+        sizes = cst.List([cst.Element(cst.parse_expression(size)) for size in role.output_sizes])
+        heads = cst.List([cst.Element(cst.parse_expression(str(count))) for count in role.segment_heads])
+        args = [positional[0], cst.Arg(sizes)] + [arg for arg in call.args if arg.keyword is not None]
+        args = [arg.with_changes(comma=_comma()) for arg in args[:-1]] + [args[-1]]
+        extra = [_keyword("group", cst.SimpleString(f'"{role.group}"'))]
+        if any(count is not None for count in role.segment_heads):
+            extra.append(_keyword("num_heads", heads))
+        self.imports.add(MERGED_LAYER)
+        return cst.Call(cst.Name(MERGED_LAYER), args=_with_trailing_args(cst.Call(cst.Name(MERGED_LAYER), args=args),
+                                                                          extra))
 
     def _parameter_shape(self, call: cst.Call, where: str) -> cst.BaseExpression:
         """The shape tuple of `nn.Parameter(torch.empty(a, b))` / `nn.Parameter(torch.zeros((a, b)))`."""
@@ -452,9 +512,21 @@ class _ApplyPlan(cst.CSTTransformer):
         last = elements[-1].with_changes(comma=cst.Comma()) if len(elements) == 1 else elements[-1]
         return cst.Tuple(commas + [last])
 
+    def _norm_head_count(self, class_name: str, value: cst.BaseExpression) -> str | None:
+        """`Norm(config.num_attention_heads * self.head_dim, ...)` in a head-sharded class: a norm over every head
+        at once. Returns the head count as `forward` reads it (`self.config.num_attention_heads`)."""
+        if not (class_name in self._head_classes and m.matches(value, m.Call(func=m.Name())) and value.args
+                and NORM_CLASS.search(value.func.value)):
+            return None
+        counts = m.findall(value.args[0].value, m.Attribute(attr=m.OneOf(*map(m.Name, HEAD_COUNTS))))
+        return f"self.config.{counts[0].attr.value}" if counts else None
+
     def leave_Call(self, original_node: cst.Call, updated_node: cst.Call) -> cst.BaseExpression:
         if not self._class_stack or not m.matches(updated_node.func, m.Attribute(value=m.Name("self"))):
             return updated_node
+        head_count = self._head_spanning_norms.get((self._class_stack[-1], updated_node.func.attr.value))
+        if head_count and len(updated_node.args) == 1:
+            return self._around_all_heads(updated_node, head_count)
         group = self.plan.reductions.get((self._class_stack[-1], updated_node.func.attr.value))
         if group is None:
             return updated_node
@@ -463,6 +535,22 @@ class _ApplyPlan(cst.CSTTransformer):
             cst.Arg(updated_node, comma=_comma()),
             _keyword("group", cst.SimpleString(f'"{group}"')),
         ])
+
+
+    def _around_all_heads(self, call: cst.Call, head_count: str) -> cst.Call:
+        """`self.q_norm(x)` → `scatter_heads(self.q_norm(gather_heads(x, H, "attn_tp")), H, "attn_tp")`: the norm
+        sees every head, as at TP=1, and each rank keeps its own heads of the result."""
+        self.imports.update({"gather_heads", "scatter_heads"})
+
+        def heads_call(name: str, tensor: cst.BaseExpression) -> cst.Call:
+            return cst.Call(cst.Name(name), args=[
+                cst.Arg(tensor, comma=_comma()),
+                cst.Arg(cst.parse_expression(head_count), comma=_comma()),
+                cst.Arg(cst.SimpleString('"attn_tp"')),
+            ])
+
+        gathered = call.with_changes(args=[call.args[0].with_changes(value=heads_call("gather_heads", call.args[0].value))])
+        return heads_call("scatter_heads", gathered)
 
 
 class _LocalHeadCounts(cst.CSTTransformer):

@@ -29,11 +29,13 @@ from scaffold.tiny import build_tiny_checkpoint
 
 __all__ = [
     "DEFAULT_PROMPTS",
+    "DistributedCase",
     "VerifyReport",
     "build_tiny_checkpoint",
     "hf_reference",
     "verify_port",
     "verify_port_distributed",
+    "verify_port_distributed_cases",
 ]
 
 DEFAULT_PROMPTS = (
@@ -106,7 +108,9 @@ class VerifyReport:
 def hf_reference(checkpoint: Path, prompts: list[str], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """HF eager greedy tokens [batch, steps] and raw logits [batch, steps, vocab] (fp32, CPU, EOS ignored)."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    # A model whose code ships with its checkpoint (config.json's auto_map) is its own reference: HF runs
+    # that code, as `trust_remote_code` users do; the port was generated from the same files without running them.
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, trust_remote_code=True).eval()
     # generate() falls back to the checkpoint's generation_config for an eos_token_id left unset: clear it
     # there, or HF stops a row at EOS and pads it while the port (ignoring EOS) goes on.
     model.generation_config.eos_token_id = None
@@ -165,6 +169,15 @@ def verify_port(
                         parameter_bytes, exe_mode, free.timing["recompiles_after_warmup"])
 
 
+@dataclass(frozen=True)
+class DistributedCase:
+    """One verification inside a shared torchrun launch: a checkpoint, read online from the original or, with
+    `offline_split_dir`, split there first and read by each rank from its rank_{i} folder."""
+
+    checkpoint: Path
+    offline_split_dir: Path | None = None
+
+
 def verify_port_distributed(
     runner_path: str,
     checkpoint: str | Path,
@@ -177,28 +190,47 @@ def verify_port_distributed(
     runner_path: "package.module:RunnerClass". offline_split_dir: split the checkpoint there first and have the
     ranks read their rank_{i} folders (enable_online_split_weight: false) instead of slicing the original.
     """
+    case = DistributedCase(Path(checkpoint), offline_split_dir)
+    return verify_port_distributed_cases(runner_path, {"case": case}, world_size, timeout_s)["case"]
+
+
+def verify_port_distributed_cases(
+    runner_path: str,
+    cases: dict[str, DistributedCase],
+    world_size: int = 2,
+    timeout_s: float = 600,
+) -> dict[str, VerifyReport]:
+    """Several `verify_port_distributed` runs in one torchrun launch: the ranks start and import once, then
+    verify each case in turn. Returns the reports by case name."""
+    launched = {name: _case_overrides(runner_path, case, world_size) | {"checkpoint": str(case.checkpoint)}
+                for name, case in cases.items()}
+    with tempfile.TemporaryDirectory() as scratch:
+        cases_path, reports_path = Path(scratch) / "cases.json", Path(scratch) / "reports.json"
+        cases_path.write_text(json.dumps(launched))
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+            "-m", "scaffold.verify", "--runner", runner_path, "--cases", str(cases_path), "--json", str(reports_path),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if result.returncode != 0 or not reports_path.exists():
+            raise RuntimeError(f"torchrun verification failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+        reports = json.loads(reports_path.read_text())
+        return {name: VerifyReport.from_json(reports[name]) for name in cases}
+
+
+def _case_overrides(runner_path: str, case: DistributedCase, world_size: int) -> dict[str, Any]:
     overrides: dict[str, Any] = {
         "world_size": world_size,
         "parallel_config": {f"{group}_size": world_size for group in ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")},
     }
-    if offline_split_dir is not None:
+    if case.offline_split_dir is not None:
         runner_class = _import_runner(runner_path)
-        base = _verification_settings(runner_class, Path(checkpoint), len(DEFAULT_PROMPTS), 24, overrides)
-        split_checkpoint(runner_class, base, offline_split_dir, show_progress=False)
-        overrides["model_path"] = str(offline_split_dir)
+        base = _verification_settings(runner_class, case.checkpoint, len(DEFAULT_PROMPTS), 24, overrides)
+        split_checkpoint(runner_class, base, case.offline_split_dir, show_progress=False)
+        overrides["model_path"] = str(case.offline_split_dir)
         overrides["model_config"] = {"enable_online_split_weight": False}
-    with tempfile.TemporaryDirectory() as scratch:
-        report_path = Path(scratch) / "report.json"
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-            "-m", "scaffold.verify", "--runner", runner_path, "--checkpoint", str(checkpoint),
-            "--overrides", json.dumps(overrides), "--json", str(report_path),
-        ]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if result.returncode != 0 or not report_path.exists():
-            raise RuntimeError(f"torchrun verification failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
-        return VerifyReport.from_json(json.loads(report_path.read_text()))
+    return {"overrides": overrides}
 
 
 def _import_runner(runner_path: str) -> type[ModelRunner]:
@@ -209,16 +241,20 @@ def _import_runner(runner_path: str) -> type[ModelRunner]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Verify a port against HF eager (run under torchrun for TP>1).")
     parser.add_argument("--runner", required=True, help="package.module:RunnerClass")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="the HF checkpoint both sides load")
-    parser.add_argument("--overrides", default="{}", help="runner_settings overrides, as JSON")
-    parser.add_argument("--json", type=Path, help="rank 0 writes the report here")
+    parser.add_argument("--cases", required=True, type=Path,
+                        help='JSON file: {"name": {"checkpoint": DIR, "overrides": {runner_settings overrides}}}')
+    parser.add_argument("--json", type=Path, help="rank 0 writes the reports here, by case name")
     args = parser.parse_args(argv)
-    report = verify_port(_import_runner(args.runner), args.checkpoint, settings_overrides=json.loads(args.overrides))
+    runner_class = _import_runner(args.runner)
+    reports = {}
+    for name, case in json.loads(args.cases.read_text()).items():
+        reports[name] = verify_port(runner_class, case["checkpoint"], settings_overrides=case["overrides"])
     if int(os.environ.get("RANK", 0)) == 0:
-        print(report.summary())
+        for name, report in reports.items():
+            print(f"{name}: {report.summary()}")
         if args.json:
-            args.json.write_text(json.dumps(report.to_json(), indent=2))
-    return 0 if report.passed else 1
+            args.json.write_text(json.dumps({name: report.to_json() for name, report in reports.items()}, indent=2))
+    return 0
 
 
 def _verification_settings(runner_class, checkpoint: Path, batch_size: int, max_new_tokens: int,

@@ -2,6 +2,7 @@
 
 from core.distributed import all_reduce
 from core.layers.embedding import VocabParallelEmbedding
+from core.layers.heads import gather_heads, scatter_heads
 from core.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -21,6 +22,8 @@ __all__ = [
     "VocabParallelEmbedding",
     "all_reduce",
     "check_partitions",
+    "gather_heads",
     "local_heads",
+    "scatter_heads",
     "sharded_parameter",
 ]

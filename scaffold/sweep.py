@@ -484,10 +484,11 @@ def _markdown_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("<", "&lt;")
 
 
-def summary_line(rows: list[SweepRow]) -> str:
+def summary_line(rows: list[SweepRow], tp: int) -> str:
     tp1 = sum(bool(row.tp1_exact) for row in rows)
     tp2 = sum(bool(row.tp2_exact) for row in rows)
-    return f"{tp1}/{len(rows)} exact at TP=1, {tp2}/{len(rows)} at TP=2"
+    not_run = " (not run: --tp 2 runs it)" if tp == 1 else ""
+    return f"{tp1}/{len(rows)} exact at TP=1, {tp2}/{len(rows)} at TP=2{not_run}"
 
 
 @dataclass(frozen=True)
@@ -509,7 +510,7 @@ def markdown_block(run: SweepRun) -> str:
     return "\n".join([
         f"Sweep of {run.date}, transformers {run.transformers_version}: `{run.command}`",
         "",
-        f"**{summary_line(run.rows)}**",
+        f"**{summary_line(run.rows, run.tp)}**",
         "",
         markdown_table(run.rows),
     ])
@@ -593,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     run = SweepRun(rows, args.tp, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    importlib.metadata.version("transformers"), shlex.join(["recipes-scaffold", "sweep", *argv]))
     print(text_table(rows))
-    print(summary_line(rows))
+    print(summary_line(rows, args.tp))
     print(f"swept {len(rows)} architectures in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if args.json:
         write_json(run, args.json)

@@ -157,11 +157,6 @@ class _ThreadRunnerSettings(cst.CSTTransformer):
         self.class_tables = _class_tables(spec, self.threaded)
         self._class_stack: list[str] = []
         self._function_stack: list[str] = []
-        # `self.num_heads = config.num_attention_heads` before it is made per-rank: a parallel layer's
-        # constructor takes full sizes, so `self.num_heads * head_dim` there reads the full count.
-        self._full_head_counts: dict[tuple[str, str], cst.BaseExpression] = {}
-        # (class, attribute) of norms over every head at once, filled from __init__ before forward is visited.
-        self._head_spanning_norms: dict[tuple[str, str], str] = {}
 
     def visit_ClassDef(self, node: cst.ClassDef) -> None:
         self._class_stack.append(node.name.value)
@@ -441,8 +436,8 @@ class _ApplyPlan(cst.CSTTransformer):
         call = constructed_call(updated_node.value)
         if (class_name, attribute) not in self.plan.roles or call is None:
             return updated_node
-        parallel = self._parallel_call(self._full_head_counts_in(call, class_name), self.plan.role_of(class_name, attribute),
-                                       class_name, attribute)
+        role = self.plan.role_of(class_name, attribute)
+        parallel = self._parallel_call(self._full_head_counts_in(call, class_name), role, class_name, attribute)
         return updated_node.with_changes(value=updated_node.value.deep_replace(call, parallel))
 
     def _full_head_counts_in(self, call: cst.Call, class_name: str) -> cst.Call:
@@ -549,7 +544,8 @@ class _ApplyPlan(cst.CSTTransformer):
                 cst.Arg(cst.SimpleString('"attn_tp"')),
             ])
 
-        gathered = call.with_changes(args=[call.args[0].with_changes(value=heads_call("gather_heads", call.args[0].value))])
+        tensor = call.args[0]
+        gathered = call.with_changes(args=[tensor.with_changes(value=heads_call("gather_heads", tensor.value))])
         return heads_call("scatter_heads", gathered)
 
 

@@ -50,7 +50,7 @@ def test_table_and_summary_are_printed(swept):
     lines = result.stdout.splitlines()
     assert lines[0].split()[:2] == ["architecture", "generated"]
     assert re.fullmatch(r"llama\s+yes\s+yes\s+-\s+[\d.]+", lines[1]), lines[1]
-    assert lines[-1] == "1/2 exact at TP=1, 0/2 at TP=2"
+    assert lines[-1] == "1/2 exact at TP=1, 0/2 at TP=2 (not run: --tp 2 runs it)"
     assert "[1/2] " in result.stderr and "[2/2] " in result.stderr
 
 
@@ -58,7 +58,7 @@ def test_markdown_has_header_summary_and_table(swept):
     markdown = swept[2]
     assert markdown.startswith(MARKDOWN_START) and markdown.rstrip().endswith(MARKDOWN_END)
     assert "transformers 5.23.0" in markdown and "`recipes-scaffold sweep --only llama" in markdown
-    assert "**1/2 exact at TP=1, 0/2 at TP=2**" in markdown
+    assert "**1/2 exact at TP=1, 0/2 at TP=2 (not run: --tp 2 runs it)**" in markdown
     assert "| llama | yes | yes | - |" in markdown
 
 

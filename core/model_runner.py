@@ -291,9 +291,8 @@ class ModelRunner:
         """One static cache per batch size, input_max_len + max_new_tokens slots, kept across calls: its fixed
         buffers are what lets a compiled decode graph be reused."""
         if batch_size not in self._kv_caches:
-            dtype = next(self.model.parameters()).dtype
             self._kv_caches[batch_size] = StaticKVCache.for_model(
-                self.model.config, batch_size, self.input_max_len + self.max_new_tokens, dtype, self.device
+                self.model.config, self.input_max_len + self.max_new_tokens, self.device
             )
         return self._kv_caches[batch_size]
 
@@ -344,6 +343,10 @@ class ModelRunner:
             self.mark_inputs(model_inputs)
         forward = self.decode_forward if decoding else self.prefill_forward
         with torch.inference_mode():
+            cache = model_inputs.get("past_key_values")
+            if self.exe_mode != "eager" and isinstance(cache, StaticKVCache) and not cache.allocated:
+                # The cache's buffers take their shapes from their first write, which no graph may trace.
+                self.model(**model_inputs)
             outputs = forward(**model_inputs)
         return outputs.logits[:, -1, :]
 

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import libcst as cst
+import libcst.matchers as m
 import yaml
 
 from scaffold.errors import ScaffoldError
@@ -194,15 +196,49 @@ def _add_experts_reductions(plan: TensorParallelPlan, classes: dict) -> None:
                 plan.reductions.setdefault((class_name, attribute), "moe_tp")
 
 
+QUERY_HEADS = m.Attribute(value=m.Name("config"), attr=m.Name("num_attention_heads"))
+
+
+def _counts_query_heads(expression: cst.BaseExpression) -> bool:
+    """`config.num_attention_heads`, or that times a per-head size."""
+    return m.matches(expression, QUERY_HEADS | m.BinaryOperation(left=QUERY_HEADS, operator=m.Multiply()))
+
+
+def _per_head_role(class_name: str, kind: str, arguments: str) -> WeightRole | None:
+    """In an attention class, a weight sized by the query heads shards with them: a per-head gate projection
+    (`nn.Linear(hidden, config.num_attention_heads * self.head_dim)`, AFMoE) is column-parallel by heads, a
+    per-head parameter (`nn.Parameter(torch.zeros(config.num_attention_heads))`, attention sinks) is split on its
+    first dim."""
+    if not ATTENTION_CLASS.search(class_name):
+        return None
+    try:
+        call = cst.parse_expression(f"f({arguments})")
+    except cst.ParserSyntaxError:
+        return None
+    positional = [arg.value for arg in call.args if arg.keyword is None]
+    if kind == "linear" and len(positional) >= 2 and _counts_query_heads(positional[1]):
+        return WeightRole("column", "attn_tp", "config.num_attention_heads")
+    if kind == "parameter" and positional and m.matches(positional[0], m.Call()) and positional[0].args:
+        first = positional[0].args[0].value
+        first = first.elements[0].value if isinstance(first, (cst.Tuple, cst.List)) and first.elements else first
+        if m.matches(first, QUERY_HEADS):
+            return WeightRole("sharded", "attn_tp", dim=0)
+    return None
+
+
 def _derived_role(spec: ModelSpec, class_name: str, attribute: str, kind: str,
                   hf_roles: dict[str, str]) -> WeightRole:
-    """Experts layout, then name rules, then the config's base_model_tp_plan; otherwise replicated."""
+    """Experts layout, then name rules, then the config's base_model_tp_plan, then sizes counted in query heads;
+    otherwise replicated."""
     class_spec = spec.classes[class_name]
     role = _experts_role(class_spec, attribute) if class_spec.is_experts and kind == "parameter" else None
     role = role or _rule_role(class_name, attribute, kind, spec.key_value_heads)
     if role is None and attribute in hf_roles and kind == "linear":
         group = "attn_tp" if ATTENTION_CLASS.search(class_name) else "moe_tp"
         role = WeightRole(hf_roles[attribute], group, source="base_model_tp_plan")
+    if role is None:
+        arguments = next(weight.arguments for weight in class_spec.weights if weight.attribute == attribute)
+        role = _per_head_role(class_name, kind, arguments)
     return role or WeightRole("replicated", source="default")
 
 

@@ -157,6 +157,9 @@ class _ThreadRunnerSettings(cst.CSTTransformer):
         self.class_tables = _class_tables(spec, self.threaded)
         self._class_stack: list[str] = []
         self._function_stack: list[str] = []
+        # Local names of the current function bound to a threaded class:
+        # `attention_class = CrossAttention if is_cross_attention else SelfAttention` (BERT/RoBERTa).
+        self._class_aliases: dict[str, str] = {}
 
     def visit_ClassDef(self, node: cst.ClassDef) -> None:
         self._class_stack.append(node.name.value)
@@ -167,6 +170,20 @@ class _ThreadRunnerSettings(cst.CSTTransformer):
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
         self._function_stack.append(node.name.value)
+        self._class_aliases = {}
+
+    def visit_Assign(self, node: cst.Assign) -> None:
+        if len(node.targets) != 1 or not isinstance(node.targets[0].target, cst.Name):
+            return
+        value = node.value
+        choices = [value.body, value.orelse] if isinstance(value, cst.IfExp) else [value]
+        if not all(isinstance(choice, cst.Name) and choice.value in self.threaded for choice in choices):
+            return
+        constructors = [_constructor_class(self.spec, choice.value) for choice in choices]
+        # Either class may be built: the call passes runner_settings right after config, so config must sit at the
+        # same position in both.
+        if len({self.spec.classes[name].init_params.index("config") for name in constructors}) == 1:
+            self._class_aliases[node.targets[0].target.value] = constructors[0]
 
     def leave_FunctionDef(self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef) -> cst.FunctionDef:
         self._function_stack.pop()
@@ -204,9 +221,12 @@ class _ThreadRunnerSettings(cst.CSTTransformer):
         return 1 if has_docstring else 0
 
     def _threaded_callee(self, func: cst.BaseExpression) -> str | None:
-        """The threaded class a call builds: `Attention(...)`, or `ATTENTION_CLASSES[...](...)` from a class table."""
+        """The threaded class a call builds: `Attention(...)`, through a local alias of it, or
+        `ATTENTION_CLASSES[...](...)` from a class table."""
         if isinstance(func, cst.Name) and func.value in self.threaded:
             return func.value
+        if isinstance(func, cst.Name) and func.value in self._class_aliases:
+            return self._class_aliases[func.value]
         if m.matches(func, m.Subscript(value=m.Name())) and func.value.value in self.class_tables:
             return self.class_tables[func.value.value]
         return None
@@ -318,7 +338,9 @@ PARALLEL_CLASSES = {
 TENSOR_FACTORIES = {"empty", "zeros", "ones", "randn", "rand"}
 HEAD_COUNT_ATTRIBUTES = {"num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads",
                          "num_key_value_groups"}
-HEAD_COUNTS = {"num_attention_heads", "num_key_value_heads"}
+HEAD_SIZE_ATTRIBUTES = {"head_dim", "head_size", "attn_head_size"}
+# Config attributes that count heads (GPT-Neo, MPT and kin name them num_heads / n_heads).
+HEAD_COUNTS = {"num_attention_heads", "num_key_value_heads", "num_heads", "n_head", "n_heads", "num_kv_heads"}
 LAYERS_MODULE = "core.layers"
 
 
@@ -433,6 +455,9 @@ class _ApplyPlan(cst.CSTTransformer):
         if class_name in self._head_classes and attribute in HEAD_COUNT_ATTRIBUTES:
             self._full_head_counts[(class_name, attribute)] = updated_node.value
             return updated_node.with_changes(value=updated_node.value.visit(_LocalHeadCounts(self.imports)))
+        if class_name in self._head_classes and attribute in HEAD_SIZE_ATTRIBUTES:
+            # `self.head_dim = self.embed_dim // self.num_heads` divides by the full head count.
+            return updated_node.with_changes(value=self._full_head_counts_in(updated_node.value, class_name))
         call = constructed_call(updated_node.value)
         if (class_name, attribute) not in self.plan.roles or call is None:
             return updated_node
@@ -440,11 +465,19 @@ class _ApplyPlan(cst.CSTTransformer):
         parallel = self._parallel_call(self._full_head_counts_in(call, class_name), role, class_name, attribute)
         return updated_node.with_changes(value=updated_node.value.deep_replace(call, parallel))
 
-    def _full_head_counts_in(self, call: cst.Call, class_name: str) -> cst.Call:
+    def leave_If(self, original_node: cst.If, updated_node: cst.If) -> cst.If:
+        """A check in __init__ (`if self.head_dim * self.num_heads != self.embed_dim: raise ...`) is about the
+        model's full sizes."""
+        if not (self._class_stack and self._class_stack[-1] in self._head_classes
+                and self._function_stack[-1:] == ["__init__"]):
+            return updated_node
+        return updated_node.with_changes(test=self._full_head_counts_in(updated_node.test, self._class_stack[-1]))
+
+    def _full_head_counts_in(self, expression: cst.BaseExpression, class_name: str) -> cst.BaseExpression:
         for (owner, attribute), full in self._full_head_counts.items():
             if owner == class_name:
-                call = m.replace(call, m.Attribute(value=m.Name("self"), attr=m.Name(attribute)), full)
-        return call
+                expression = m.replace(expression, m.Attribute(value=m.Name("self"), attr=m.Name(attribute)), full)
+        return expression
 
     def _parallel_call(self, call: cst.Call, role: WeightRole, class_name: str, attribute: str) -> cst.Call:
         if role.role == "replicated":
@@ -509,11 +542,15 @@ class _ApplyPlan(cst.CSTTransformer):
 
     def _norm_head_count(self, class_name: str, value: cst.BaseExpression) -> str | None:
         """`Norm(config.num_attention_heads * self.head_dim, ...)` in a head-sharded class: a norm over every head
-        at once. Returns the head count as `forward` reads it (`self.config.num_attention_heads`)."""
+        at once; one of `config.hidden_size` there spans all query heads (OLMoE's q_norm, BitNet's norm of the
+        attention output). Returns the head count as `forward` reads it (`self.config.num_attention_heads`)."""
         if not (class_name in self._head_classes and m.matches(value, m.Call(func=m.Name())) and value.args
                 and NORM_CLASS.search(value.func.value)):
             return None
-        counts = m.findall(value.args[0].value, m.Attribute(attr=m.OneOf(*map(m.Name, HEAD_COUNTS))))
+        size = value.args[0].value
+        if m.matches(size, m.Attribute(value=m.Name("config"), attr=m.Name("hidden_size"))):
+            return "self.config.num_attention_heads"
+        counts = m.findall(size, m.Attribute(attr=m.OneOf(*map(m.Name, HEAD_COUNTS))))
         return f"self.config.{counts[0].attr.value}" if counts else None
 
     def leave_Call(self, original_node: cst.Call, updated_node: cst.Call) -> cst.BaseExpression:

@@ -1,0 +1,31 @@
+"""Generator rules that no committed port exercises, each proven on the architecture that needs it: generated,
+then verified against HF eager at TP=1 and TP=2 by `recipes-scaffold sweep`.
+
+- falcon: one KV head shared by all query heads; the static cache takes its shapes from the model's first write.
+- gpt_neo: head counts named `num_heads`, `head_dim` and the __init__ size checks computed from the full count.
+- afmoe: a per-head output gate projection, column-parallel by heads.
+- granite_swa: per-head attention sinks, split with the heads.
+- olmoe: a q norm sized `hidden_size` spans all heads: it sees the gathered heads.
+"""
+
+import json
+
+import pytest
+from conftest import run_cli
+
+ARCHITECTURES = ["falcon", "gpt_neo", "afmoe", "granite_swa", "olmoe"]
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    report = tmp_path_factory.mktemp("rules") / "sweep.json"
+    only = [arg for architecture in ARCHITECTURES for arg in ("--only", architecture)]
+    result = run_cli("-m", "scaffold.cli", "sweep", "--tp", "2", "--jobs", "2", *only, "--json", str(report))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {row["architecture"]: row for row in json.loads(report.read_text())["rows"]}
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_rule_makes_the_architecture_exact_at_tp1_and_tp2(rows, architecture):
+    row = rows[architecture]
+    assert row["tp1_exact"] and row["tp2_exact"], row["reason"]

@@ -12,19 +12,32 @@ from transformers import PreTrainedConfig
 
 
 def causal_masks(attention_mask: torch.Tensor, query_slots: torch.Tensor, dtype: torch.dtype,
-                 sliding_window: int | None = None) -> dict[str, torch.Tensor]:
-    """{"full_attention": mask, "sliding_attention": mask (when a window is given)}."""
+                 sliding_window: int | None = None, chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+    """{"full_attention": mask, "sliding_attention": mask (when a window is given), "chunked_attention": mask (when
+    a chunk size is given: Llama 4's local layers see only their own chunk, counted from each row's first real
+    token)}."""
     key_slots = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
     distance = query_slots[:, None] - key_slots[None, :]
     visible = (attention_mask[:, None, None, :] != 0) & (distance >= 0)[None, None]
     minimum = torch.finfo(dtype).min
-    masks = {"full_attention": torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, minimum)}
+
+    def additive(allowed: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, minimum)
+
+    masks = {"full_attention": additive(visible)}
     if sliding_window is not None:
-        in_window = visible & (distance < sliding_window)[None, None]
-        masks["sliding_attention"] = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
-            ~in_window, minimum
-        )
+        masks["sliding_attention"] = additive(visible & (distance < sliding_window)[None, None])
+    if chunk_size is not None:
+        left_padding = (attention_mask.cumsum(dim=-1) == 0).sum(dim=-1)[:, None, None, None]
+        same_chunk = ((query_slots[None, None, :, None] - left_padding) // chunk_size
+                      == (key_slots[None, None, None, :] - left_padding) // chunk_size)
+        masks["chunked_attention"] = additive(visible & same_chunk)
     return masks
+
+
+# Layer types whose attention is plain causal: DeepSeek V3.2's indexed (sparse) attention applies its own top-k
+# selection on top of the causal mask.
+CAUSAL_LAYER_TYPES = {"full_attention": "full_attention", "indexed_attention": "full_attention"}
 
 
 def masks_for_model(config: PreTrainedConfig, attention_mask: torch.Tensor, query_slots: torch.Tensor,
@@ -39,5 +52,10 @@ def masks_for_model(config: PreTrainedConfig, attention_mask: torch.Tensor, quer
             return causal_masks(attention_mask, query_slots, dtype, sliding_window)["sliding_attention"]
         return causal_masks(attention_mask, query_slots, dtype)["full_attention"]
     masks = causal_masks(attention_mask, query_slots, dtype,
-                         sliding_window if "sliding_attention" in layer_types else None)
-    return {layer_type: masks[layer_type] for layer_type in set(layer_types)}
+                         sliding_window if "sliding_attention" in layer_types else None,
+                         getattr(config, "attention_chunk_size", None) if "chunked_attention" in layer_types else None)
+    unknown = set(layer_types) - set(masks) - set(CAUSAL_LAYER_TYPES)
+    if unknown:
+        raise ValueError(f"config.layer_types has {sorted(unknown)}; the static-cache masks cover "
+                         f"{sorted(set(masks) | set(CAUSAL_LAYER_TYPES))}")
+    return {layer_type: masks[CAUSAL_LAYER_TYPES.get(layer_type, layer_type)] for layer_type in set(layer_types)}

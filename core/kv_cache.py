@@ -23,6 +23,7 @@ class StaticKVCache:
         self.max_len = max_len
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.indexer_keys: list[torch.Tensor | None] = [None] * num_layers
         self.write_slots = torch.zeros(1, dtype=torch.long, device=device)
 
     @classmethod
@@ -46,12 +47,21 @@ class StaticKVCache:
         self.values[layer_idx].index_copy_(2, self.write_slots, value_states.to(self.values[layer_idx].dtype))
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def _allocate_like(self, states: torch.Tensor, layer_idx: int) -> torch.Tensor:
+    def update_indexer(self, indexer_key_states: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """DeepSeek V3.2's sparse-attention indexer keys, [batch, tokens, dim] → the layer's [batch, max_len, dim]."""
+        if self.indexer_keys[layer_idx] is None:
+            self.indexer_keys[layer_idx] = self._allocate_like(indexer_key_states, layer_idx, slot_dim=1)
+        self.indexer_keys[layer_idx].index_copy_(1, self.write_slots, indexer_key_states)
+        return self.indexer_keys[layer_idx]
+
+    def _allocate_like(self, states: torch.Tensor, layer_idx: int, slot_dim: int = 2) -> torch.Tensor:
+        """A zero buffer shaped like `states` with max_len slots on `slot_dim`."""
         if torch.compiler.is_compiling():
             raise RuntimeError(f"KV cache layer {layer_idx} is first written inside a compiled graph; its buffers "
                                f"take their shape from an eager step, so run one eager forward on a new cache first")
-        batch, heads, _, dim = states.shape
-        buffer = torch.zeros(batch, heads, self.max_len, dim, dtype=states.dtype, device=states.device)
+        shape = list(states.shape)
+        shape[slot_dim] = self.max_len
+        buffer = torch.zeros(shape, dtype=states.dtype, device=states.device)
         # A fixed address lets CUDA graphs replay over the in-place updates.
         torch._dynamo.mark_static_address(buffer)
         return buffer

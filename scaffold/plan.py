@@ -40,6 +40,9 @@ KEY_VALUE = {"k_proj", "v_proj", "key", "value", "k", "v"}
 # up-projection of the kv latent to every head's key and value (split by heads).
 LATENT_DOWN = {"q_a_proj", "kv_a_proj_with_mqa"}
 LATENT_KEY_VALUE_UP = {"kv_b_proj"}
+# Linears fused on disk whose forward chunks the output into equal parts (gate|up; q|k|v of multi-head attention).
+FUSED_GATE_UP = {"gate_up_proj"}
+FUSED_QKV = {"Wqkv", "qkv_proj"}
 ATTENTION_OUT = {"o_proj", "out_proj", "dense", "o"}
 FEED_FORWARD_IN = {"gate_proj", "up_proj", "fc1", "w1", "w3", "c_fc", "fc_in", "dense_h_to_4h"}
 FEED_FORWARD_OUT = {"down_proj", "fc2", "w2", "c_proj", "fc_out", "dense_4h_to_h"}
@@ -197,11 +200,50 @@ def _add_experts_reductions(plan: TensorParallelPlan, classes: dict) -> None:
 
 
 QUERY_HEADS = m.Attribute(value=m.Name("config"), attr=m.Name("num_attention_heads"))
+# A per-head parameter's size as written in __init__: the config's count, or the class's own copy of it.
+HEAD_COUNT_NAMES = m.Name("num_heads") | m.Name("num_attention_heads")
+HEAD_COUNT = QUERY_HEADS | m.Attribute(value=m.Name("self"), attr=HEAD_COUNT_NAMES) | HEAD_COUNT_NAMES
 
 
 def _counts_query_heads(expression: cst.BaseExpression) -> bool:
     """`config.num_attention_heads`, or that times a per-head size."""
     return m.matches(expression, QUERY_HEADS | m.BinaryOperation(left=QUERY_HEADS, operator=m.Multiply()))
+
+
+def _positional_arguments(arguments: str) -> list[cst.BaseExpression]:
+    """The positional arguments of a constructor call, from the argument text inspect recorded."""
+    try:
+        call = cst.parse_expression(f"f({arguments})")
+    except cst.ParserSyntaxError:
+        return []
+    return [arg.value for arg in call.args if arg.keyword is None]
+
+
+def _equal_segments(size: cst.BaseExpression, count: int) -> tuple[str, ...] | None:
+    """`3 * self.hidden_size` (or `self.hidden_size * 3`) → three `self.hidden_size` segments."""
+    if not (isinstance(size, cst.BinaryOperation) and isinstance(size.operator, cst.Multiply)):
+        return None
+    for factor, segment in ((size.left, size.right), (size.right, size.left)):
+        if m.matches(factor, m.Integer(str(count))):
+            return (cst.Module([]).code_for_node(segment),) * count
+    return None
+
+
+def _fused_role(class_name: str, attribute: str, kind: str, arguments: str) -> WeightRole | None:
+    """A linear fused on disk and chunked equally in forward: `gate_up_proj = nn.Linear(h, 2 * i)` in a feed-forward
+    class (GLM, Phi-3), `Wqkv = nn.Linear(h, 3 * h)` in an attention class (MPT). Each segment splits on its own."""
+    positional = _positional_arguments(arguments)
+    if kind != "linear" or len(positional) < 2:
+        return None
+    if FEED_FORWARD_CLASS.search(class_name) and attribute in FUSED_GATE_UP:
+        segments = _equal_segments(positional[1], 2)
+        return WeightRole("merged_column", "moe_tp", output_sizes=segments,
+                          segment_heads=(None, None)) if segments else None
+    if ATTENTION_CLASS.search(class_name) and attribute in FUSED_QKV:
+        segments = _equal_segments(positional[1], 3)
+        return WeightRole("merged_column", "attn_tp", output_sizes=segments,
+                          segment_heads=("config.num_attention_heads",) * 3) if segments else None
+    return None
 
 
 def _per_head_role(class_name: str, kind: str, arguments: str) -> WeightRole | None:
@@ -211,17 +253,13 @@ def _per_head_role(class_name: str, kind: str, arguments: str) -> WeightRole | N
     first dim."""
     if not ATTENTION_CLASS.search(class_name):
         return None
-    try:
-        call = cst.parse_expression(f"f({arguments})")
-    except cst.ParserSyntaxError:
-        return None
-    positional = [arg.value for arg in call.args if arg.keyword is None]
+    positional = _positional_arguments(arguments)
     if kind == "linear" and len(positional) >= 2 and _counts_query_heads(positional[1]):
         return WeightRole("column", "attn_tp", "config.num_attention_heads")
     if kind == "parameter" and positional and m.matches(positional[0], m.Call()) and positional[0].args:
         first = positional[0].args[0].value
         first = first.elements[0].value if isinstance(first, (cst.Tuple, cst.List)) and first.elements else first
-        if m.matches(first, QUERY_HEADS):
+        if m.matches(first, HEAD_COUNT):
             return WeightRole("sharded", "attn_tp", dim=0)
     return None
 
@@ -238,7 +276,7 @@ def _derived_role(spec: ModelSpec, class_name: str, attribute: str, kind: str,
         role = WeightRole(hf_roles[attribute], group, source="base_model_tp_plan")
     if role is None:
         arguments = next(weight.arguments for weight in class_spec.weights if weight.attribute == attribute)
-        role = _per_head_role(class_name, kind, arguments)
+        role = _fused_role(class_name, attribute, kind, arguments) or _per_head_role(class_name, kind, arguments)
     return role or WeightRole("replicated", source="default")
 
 

@@ -55,12 +55,14 @@ TINY_DIMENSIONS = {
     "qk_nope_head_dim": 16,
     "v_head_dim": 16,
     "sliding_window": 8,
+    "attention_chunk_size": 8,
     "initializer_range": 0.1,
 }
 ARCHITECTURE_OVERRIDES: dict[str, dict] = {
     "gpt_oss": {"layer_types": ["sliding_attention", "full_attention"]},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # one entry per layer: 2 layers
     "gemma3_text": {"layer_types": ["sliding_attention", "full_attention"]},
+    "llama4_text": {"no_rope_layers": [1, 0]},  # a chunked (rope) layer and a global (no-rope) one
 }
 
 

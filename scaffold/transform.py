@@ -337,7 +337,7 @@ PARALLEL_CLASSES = {
 }
 TENSOR_FACTORIES = {"empty", "zeros", "ones", "randn", "rand"}
 HEAD_COUNT_ATTRIBUTES = {"num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads",
-                         "num_key_value_groups"}
+                         "num_key_value_groups", "n_heads", "n_head"}
 HEAD_SIZE_ATTRIBUTES = {"head_dim", "head_size", "attn_head_size"}
 # Config attributes that count heads (GPT-Neo, MPT and kin name them num_heads / n_heads).
 HEAD_COUNTS = {"num_attention_heads", "num_key_value_heads", "num_heads", "n_head", "n_heads", "num_kv_heads"}
@@ -522,16 +522,19 @@ class _ApplyPlan(cst.CSTTransformer):
                                                                           extra))
 
     def _parameter_shape(self, call: cst.Call, where: str) -> cst.BaseExpression:
-        """The shape tuple of `nn.Parameter(torch.empty(a, b))` / `nn.Parameter(torch.zeros((a, b)))`."""
+        """The shape tuple of `nn.Parameter(torch.empty(a, b))` / `nn.Parameter(torch.zeros((a, b)))` /
+        `nn.Parameter(torch.full((a, b), value))` (the values come from the checkpoint)."""
         factory = call.args[0].value if call.args else None
-        if not (isinstance(factory, cst.Call) and isinstance(factory.func, cst.Attribute)
-                and factory.func.attr.value in TENSOR_FACTORIES
-                and all(arg.keyword is None for arg in factory.args)):
+        filled = m.matches(factory, m.Call(func=m.Attribute(attr=m.Name("full")),
+                                           args=[m.Arg(m.Tuple() | m.List(), keyword=None), m.ZeroOrMore()]))
+        if not filled and not (isinstance(factory, cst.Call) and isinstance(factory.func, cst.Attribute)
+                               and factory.func.attr.value in TENSOR_FACTORIES
+                               and all(arg.keyword is None for arg in factory.args)):
             raise ScaffoldError(
                 f"{self.spec.source.display_modeling}: {where} is not built as nn.Parameter(torch.empty(*shape)); "
                 f"give it a role the generator can rewrite in the override file"
             )
-        if len(factory.args) == 1 and isinstance(factory.args[0].value, (cst.Tuple, cst.List)):
+        if (filled or len(factory.args) == 1) and isinstance(factory.args[0].value, (cst.Tuple, cst.List)):
             elements = factory.args[0].value.elements
         else:
             elements = [cst.Element(arg.value) for arg in factory.args]

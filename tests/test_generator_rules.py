@@ -6,6 +6,9 @@ then verified against HF eager at TP=1 and TP=2 by `recipes-scaffold sweep`.
 - afmoe: a per-head output gate projection, column-parallel by heads.
 - granite_swa: per-head attention sinks, split with the heads.
 - olmoe: a q norm sized `hidden_size` spans all heads: it sees the gathered heads.
+- glm: gate|up fused on disk as `2 * intermediate_size`: each half splits on its own.
+- llama4_text: chunked local attention (chunks counted from each row's first real token).
+- deepseek_v32: indexed (sparse) attention: a causal mask and a static cache for the indexer's keys.
 """
 
 import json
@@ -13,7 +16,7 @@ import json
 import pytest
 from conftest import run_cli
 
-ARCHITECTURES = ["falcon", "gpt_neo", "afmoe", "granite_swa", "olmoe"]
+ARCHITECTURES = ["falcon", "gpt_neo", "afmoe", "granite_swa", "olmoe", "glm", "llama4_text", "deepseek_v32"]
 
 
 @pytest.fixture(scope="module")

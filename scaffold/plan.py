@@ -1,9 +1,10 @@
 """Give every weight of a ModelSpec a tensor-parallel role.
 
 Only the classes the causal LM reaches are planned: task heads and vision/audio towers are pruned from the port.
-Sources, in order: the per-architecture override file (scaffold/overrides/<model>.yaml), the config's
-`base_model_tp_plan`, then name rules (q/k/v/gate/up → column, o/down → row, …). An override naming nothing is
-an error. A weight none of them covers is replicated (every rank holds it whole: exact at TP=1; at TP>1 the
+Sources, in order: the per-architecture override file (scaffold/overrides/<model>.yaml), the fused-experts
+layout, name rules (q/k/v/gate/up → column, o/down → row, MLA projections, …), the config's `base_model_tp_plan`,
+then size rules (a linear fused on disk as `2 * i` / `3 * h` splits per segment; a weight counted in query heads
+splits with them). An override naming nothing is an error. A weight none of them covers is replicated (every rank holds it whole: exact at TP=1; at TP>1 the
 verification shows whether the model's arithmetic around it still holds) and reported, never silently: one
 line on stderr when generating and a list in the port's README.
 """

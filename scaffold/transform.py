@@ -454,7 +454,8 @@ class _ApplyPlan(cst.CSTTransformer):
             self._head_spanning_norms[(class_name, attribute)] = head_count
         if class_name in self._head_classes and attribute in HEAD_COUNT_ATTRIBUTES:
             self._full_head_counts[(class_name, attribute)] = updated_node.value
-            return updated_node.with_changes(value=updated_node.value.visit(_LocalHeadCounts(self.imports)))
+            local = _LocalHeadCounts(self.imports, self._head_count_parameters(class_name))
+            return updated_node.with_changes(value=updated_node.value.visit(local))
         if class_name in self._head_classes and attribute in HEAD_SIZE_ATTRIBUTES:
             # `self.head_dim = self.embed_dim // self.num_heads` divides by the full head count.
             return updated_node.with_changes(value=self._full_head_counts_in(updated_node.value, class_name))
@@ -473,6 +474,17 @@ class _ApplyPlan(cst.CSTTransformer):
             return updated_node
         return updated_node.with_changes(test=self._full_head_counts_in(updated_node.test, self._class_stack[-1]))
 
+    def _head_count_parameters(self, class_name: str) -> frozenset[str]:
+        """Constructor parameters of a class built without `config` that count its heads (XGLM's `num_heads`)."""
+        params = self.spec.classes[class_name].init_params
+        return frozenset() if "config" in params else frozenset(params) & HEAD_COUNTS
+
+    def _head_count(self, class_name: str, config_expression: str) -> str:
+        """The plan's head count (`config.num_attention_heads`) as this class's __init__ can read it: from a
+        `num_heads` parameter when the class is built without `config` (every head then counts as a KV head too)."""
+        parameters = self._head_count_parameters(class_name)
+        return min(parameters) if parameters and config_expression.startswith("config.") else config_expression
+
     def _full_head_counts_in(self, expression: cst.BaseExpression, class_name: str) -> cst.BaseExpression:
         for (owner, attribute), full in self._full_head_counts.items():
             if owner == class_name:
@@ -486,7 +498,7 @@ class _ApplyPlan(cst.CSTTransformer):
             name = PARALLEL_CLASSES[role.role]
             extra = [_keyword("group", cst.SimpleString(f'"{role.group}"'))]
             if role.num_heads:
-                extra.append(_keyword("num_heads", cst.parse_expression(role.num_heads)))
+                extra.append(_keyword("num_heads", cst.parse_expression(self._head_count(class_name, role.num_heads))))
             self.imports.add(name)
             return call.with_changes(func=cst.Name(name), args=_with_trailing_args(call, extra))
         if role.role == "merged_column":
@@ -590,18 +602,24 @@ class _ApplyPlan(cst.CSTTransformer):
 
 
 class _LocalHeadCounts(cst.CSTTransformer):
-    """`config.num_key_value_heads` → `local_heads(config.num_key_value_heads, "attn_tp")`."""
+    """`config.num_key_value_heads` → `local_heads(config.num_key_value_heads, "attn_tp")`; so too a head count
+    passed as a constructor parameter (`num_heads`, in attention classes built without `config`)."""
 
-    def __init__(self, imports: set[str]):
+    def __init__(self, imports: set[str], head_count_parameters: frozenset[str] = frozenset()):
         super().__init__()
         self.imports = imports
+        self.head_count_parameters = head_count_parameters
 
     def leave_Attribute(self, original_node: cst.Attribute, updated_node: cst.Attribute) -> cst.BaseExpression:
-        if updated_node.attr.value not in HEAD_COUNTS:
-            return updated_node
+        return self._local(updated_node) if updated_node.attr.value in HEAD_COUNTS else updated_node
+
+    def leave_Name(self, original_node: cst.Name, updated_node: cst.Name) -> cst.BaseExpression:
+        return self._local(updated_node) if updated_node.value in self.head_count_parameters else updated_node
+
+    def _local(self, count: cst.BaseExpression) -> cst.Call:
         self.imports.add("local_heads")
         return cst.Call(cst.Name("local_heads"), args=[
-            cst.Arg(updated_node, comma=_comma()),
+            cst.Arg(count, comma=_comma()),
             cst.Arg(cst.SimpleString('"attn_tp"')),
         ])
 

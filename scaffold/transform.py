@@ -341,6 +341,7 @@ HEAD_COUNT_ATTRIBUTES = {"num_heads", "num_attention_heads", "num_key_value_head
 HEAD_SIZE_ATTRIBUTES = {"head_dim", "head_size", "attn_head_size"}
 # Config attributes that count heads (GPT-Neo, MPT and kin name them num_heads / n_heads).
 HEAD_COUNTS = {"num_attention_heads", "num_key_value_heads", "num_heads", "n_head", "n_heads", "num_kv_heads"}
+HEAD_COUNT_NAME = m.OneOf(*map(m.Name, sorted(HEAD_COUNTS)))
 LAYERS_MODULE = "core.layers"
 
 
@@ -426,7 +427,7 @@ class _ApplyPlan(cst.CSTTransformer):
         if (self._class_stack and self._class_stack[-1] in self._head_classes
                 and self._function_stack and self._function_stack[-1] != "__init__"
                 and m.matches(updated_node, m.Attribute(value=m.Attribute(value=m.Name("self"), attr=m.Name("config")),
-                                                        attr=m.OneOf(*map(m.Name, HEAD_COUNTS))))):
+                                                        attr=HEAD_COUNT_NAME))):
             return updated_node.visit(_LocalHeadCounts(self.imports))
         return updated_node
 
@@ -565,7 +566,7 @@ class _ApplyPlan(cst.CSTTransformer):
         size = value.args[0].value
         if m.matches(size, m.Attribute(value=m.Name("config"), attr=m.Name("hidden_size"))):
             return "self.config.num_attention_heads"
-        counts = m.findall(size, m.Attribute(attr=m.OneOf(*map(m.Name, HEAD_COUNTS))))
+        counts = m.findall(size, m.Attribute(attr=HEAD_COUNT_NAME))
         return f"self.config.{counts[0].attr.value}" if counts else None
 
     def leave_Call(self, original_node: cst.Call, updated_node: cst.Call) -> cst.BaseExpression:
@@ -610,8 +611,14 @@ class _LocalHeadCounts(cst.CSTTransformer):
         self.imports = imports
         self.head_count_parameters = head_count_parameters
 
+    def visit_Attribute(self, node: cst.Attribute) -> bool:
+        # `x.num_heads` names an attribute, not the parameter: only the object part may hold the parameter.
+        return False
+
     def leave_Attribute(self, original_node: cst.Attribute, updated_node: cst.Attribute) -> cst.BaseExpression:
-        return self._local(updated_node) if updated_node.attr.value in HEAD_COUNTS else updated_node
+        if updated_node.attr.value in HEAD_COUNTS:
+            return self._local(updated_node)
+        return updated_node.with_changes(value=updated_node.value.visit(self))
 
     def leave_Name(self, original_node: cst.Name, updated_node: cst.Name) -> cst.BaseExpression:
         return self._local(updated_node) if updated_node.value in self.head_count_parameters else updated_node

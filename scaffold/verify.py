@@ -202,8 +202,7 @@ def verify_port_distributed_cases(
 ) -> dict[str, VerifyReport]:
     """Several `verify_port_distributed` runs in one torchrun launch: the ranks start and import once, then
     verify each case in turn. Returns the reports by case name."""
-    launched = {name: _case_overrides(runner_path, case, world_size) | {"checkpoint": str(case.checkpoint)}
-                for name, case in cases.items()}
+    launched = {name: _launched_case(runner_path, case, world_size) for name, case in cases.items()}
     with tempfile.TemporaryDirectory() as scratch:
         cases_path, reports_path = Path(scratch) / "cases.json", Path(scratch) / "reports.json"
         cases_path.write_text(json.dumps(launched))
@@ -219,7 +218,8 @@ def verify_port_distributed_cases(
         return {name: VerifyReport.from_json(reports[name]) for name in cases}
 
 
-def _case_overrides(runner_path: str, case: DistributedCase, world_size: int) -> dict[str, Any]:
+def _launched_case(runner_path: str, case: DistributedCase, world_size: int) -> dict[str, Any]:
+    """The case as the ranks read it: the checkpoint and the runner_settings overrides for TP=`world_size`."""
     overrides: dict[str, Any] = {
         "world_size": world_size,
         "parallel_config": {f"{group}_size": world_size for group in ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")},
@@ -230,7 +230,7 @@ def _case_overrides(runner_path: str, case: DistributedCase, world_size: int) ->
         split_checkpoint(runner_class, base, case.offline_split_dir, show_progress=False)
         overrides["model_path"] = str(case.offline_split_dir)
         overrides["model_config"] = {"enable_online_split_weight": False}
-    return {"overrides": overrides}
+    return {"checkpoint": str(case.checkpoint), "overrides": overrides}
 
 
 def _import_runner(runner_path: str) -> type[ModelRunner]:

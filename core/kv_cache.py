@@ -39,7 +39,10 @@ class StaticKVCache:
         self.write_slots = slots
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys and values into their slots. What else a release passes (5.23's positional
+        `cache_kwargs`, 5.24's `kwargs=`: RoPE angles and cache positions for caches that need them) is not needed:
+        the slots come from `write_slots`."""
         if self.keys[layer_idx] is None:
             self.keys[layer_idx] = self._allocate_like(key_states, layer_idx)
             self.values[layer_idx] = self._allocate_like(value_states, layer_idx)

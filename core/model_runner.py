@@ -315,7 +315,7 @@ class ModelRunner:
             "attention_mask": attention_mask,
             "position_ids": position_ids,
             "cache_position": torch.arange(length, device=self.device),
-            "past_key_values": cache,
+            "kv_cache": cache,
         }
 
     def model_generate(self, prompts: list[str], **options) -> GenerationResult:
@@ -343,8 +343,8 @@ class ModelRunner:
             self.mark_inputs(model_inputs)
         forward = self.decode_forward if decoding else self.prefill_forward
         with torch.inference_mode():
-            cache = model_inputs.get("past_key_values")
-            if self.exe_mode != "eager" and isinstance(cache, StaticKVCache) and not cache.allocated:
+            cache = next((value for value in model_inputs.values() if isinstance(value, StaticKVCache)), None)
+            if self.exe_mode != "eager" and cache is not None and not cache.allocated:
                 # The cache's buffers take their shapes from their first write, which no graph may trace.
                 self.model(**model_inputs)
             outputs = forward(**model_inputs)

@@ -8,19 +8,7 @@ import time
 from pathlib import Path
 
 from core.cli import exit_on_user_error
-from scaffold.inspect import inspect_model
-from scaffold.locate import locate_folder_model, locate_transformers_model
-from scaffold.render import header_lines, port_files
-from scaffold.write import WriteReport, stamp, write_files
-
-def generate(model: str, source: str, out: Path, force: bool = False, upgrade: bool = False) -> WriteReport:
-    if source == "transformers":
-        model_source = locate_transformers_model(model)
-    else:
-        model_source = locate_folder_model(model, Path(source))
-    spec = inspect_model(model_source)
-    files = {path: stamp(path, header_lines(spec, path), body) for path, body in port_files(spec).items()}
-    return write_files(out, files, force=force, upgrade=upgrade)
+from scaffold.pipeline import generate
 
 
 def _scaffold_parser() -> argparse.ArgumentParser:
@@ -78,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = _scaffold_parser().parse_args(argv)
     started = time.perf_counter()
-    report = generate(args.model, args.source, args.out, force=args.force, upgrade=args.upgrade)
+    report = generate(args.model, args.source, args.out, force=args.force, upgrade=args.upgrade).report
     for path in report.written:
         print(f"wrote {path}")
     for path in report.merged:

@@ -31,6 +31,7 @@ class ClassSpec:
     constructs: list[str] = field(default_factory=list)
     weights: list[WeightSpec] = field(default_factory=list)
     forward_params: list[str] = field(default_factory=list)
+    forward_annotations: dict[str, str] = field(default_factory=dict)
     children: dict[str, str] = field(default_factory=dict)
     decorators: dict[str, dict[str, str]] = field(default_factory=dict)
     config_annotation: str | None = None
@@ -145,6 +146,10 @@ class _ClassCollector(cst.CSTVisitor):
                 self._class_stack[-1].config_annotation = _dotted(config.annotation.annotation)
         elif self._method == "forward":
             self._class_stack[-1].forward_params = params
+            self._class_stack[-1].forward_annotations = {
+                param.name.value: self.module.code_for_node(param.annotation.annotation)
+                for param in (*node.params.params, *node.params.kwonly_params) if param.annotation is not None
+            }
 
     def leave_FunctionDef(self, original_node: cst.FunctionDef) -> None:
         if self._class_stack and self._method == original_node.name.value:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
+from scaffold.inspect import names_used
+
 MERGEABLE_SIBLINGS = {
     ("q_proj", "k_proj", "v_proj"): "qkv_proj",
     ("gate_proj", "up_proj"): "gate_up_proj",
@@ -104,28 +106,11 @@ class _ForeignReferences(cst.CSTVisitor):
             self.names.add(node.attr.value)
 
 
-class _NamesUsed(cst.CSTVisitor):
-    """Every name a node mentions (read or written)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: set[str] = set()
-
-    def visit_Name(self, node: cst.Name) -> None:
-        self.names.add(node.value)
-
-
-def _names_in(node: cst.CSTNode) -> set[str]:
-    collector = _NamesUsed()
-    node.visit(collector)
-    return collector.names
-
-
 def _assigned_names(statement: cst.CSTNode) -> set[str]:
     names = set()
     for target in [*m.findall(statement, m.AssignTarget()), *m.findall(statement, m.AugAssign()),
                    *m.findall(statement, m.AnnAssign())]:
-        names |= _names_in(target.target)
+        names |= names_used(target.target)
     return names
 
 
@@ -161,10 +146,10 @@ def _merge_call_site(method: cst.FunctionDef, members: tuple[str, ...], merged: 
         sites.append(site)
     argument = calls[0].args[0].value
     first, last = min(sites), max(sites)
-    if any(_assigned_names(body[index]) & _names_in(argument) for index in range(first, last)):
+    if any(_assigned_names(body[index]) & names_used(argument) for index in range(first, last)):
         return None
     outputs = {name: f"{name}_output" for name in members}
-    if set(outputs.values()) & _names_in(method):
+    if set(outputs.values()) & names_used(method):
         return None
     split = cst.parse_statement(
         f"{', '.join(outputs.values())} = self.{merged}({_code(argument)}).split(self.{merged}.split_sizes, dim=-1)"
@@ -197,7 +182,7 @@ def _merge_in_class(node: cst.ClassDef, foreign: set[str]) -> tuple[cst.ClassDef
     for members, merged in MERGEABLE_SIBLINGS.items():
         init = items[methods["__init__"]]
         constructors = [_column_constructor(init, name) for name in members]
-        if None in constructors or set(members) & foreign or merged in _names_in(node):
+        if None in constructors or set(members) & foreign or merged in names_used(node):
             continue
         if len({(c.in_features, c.bias, c.group) for c in constructors}) != 1:
             continue

@@ -21,6 +21,7 @@ import libcst.matchers as m
 import yaml
 
 from scaffold.errors import ScaffoldError
+from scaffold.head_names import QUERY_HEAD_COUNT_NAME
 from scaffold.inspect import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -201,9 +202,7 @@ def _add_experts_reductions(plan: TensorParallelPlan, classes: dict) -> None:
 
 
 QUERY_HEADS = m.Attribute(value=m.Name("config"), attr=m.Name("num_attention_heads"))
-# A per-head parameter's size as written in __init__: the config's count, or the class's own copy of it.
-HEAD_COUNT_NAMES = m.Name("num_heads") | m.Name("num_attention_heads")
-HEAD_COUNT = QUERY_HEADS | m.Attribute(value=m.Name("self"), attr=HEAD_COUNT_NAMES) | HEAD_COUNT_NAMES
+HEAD_COUNT = QUERY_HEADS | m.Attribute(value=m.Name("self"), attr=QUERY_HEAD_COUNT_NAME) | QUERY_HEAD_COUNT_NAME
 
 
 def _counts_query_heads(expression: cst.BaseExpression) -> bool:

@@ -8,23 +8,13 @@ import jinja2
 
 from scaffold import __version__
 from scaffold.format import format_python
+from scaffold.forward_inputs import IMPORTS as PREPARE_INPUTS_IMPORTS
+from scaffold.forward_inputs import forward_inputs
 from scaffold.inspect import ModelSpec
 from scaffold.plan import TensorParallelPlan, plan_tensor_parallel
 from scaffold.transform import port_modeling_module
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
-
-# Forward arguments a decoder LM's prepare_inputs_for_generation fills, with the expression that fills each;
-# those the model's forward() does not accept are left out.
-FORWARD_INPUTS = (
-    ("input_ids", "input_ids"),
-    ("attention_mask", "masks_for_model(self.config, attention_mask, cache_position, self.dtype)"),
-    ("position_ids", "position_ids"),
-    ("past_key_values", "past_key_values"),
-    ("use_cache", "True"),
-    ("logits_to_keep", "1"),
-)
-PREPARE_INPUTS_IMPORTS = (("core.attention_mask", "masks_for_model"),)
 
 
 def _environment() -> jinja2.Environment:
@@ -41,9 +31,7 @@ def port_files(spec: ModelSpec) -> dict[str, str]:
     """Relative path → body (without the generated-file header, which `write` adds)."""
     env = _environment()
     name = spec.source.name
-    forward_params = spec.classes[spec.causal_lm_class].forward_params
-    forward_inputs = [(key, value) for key, value in FORWARD_INPUTS if key in forward_params]
-    prepare_inputs = env.get_template("prepare_inputs.py.j2").render(forward_inputs=forward_inputs)
+    prepare_inputs = env.get_template("prepare_inputs.py.j2").render(forward_inputs=forward_inputs(spec))
     plan = plan_tensor_parallel(spec)
     context = {
         "name": name,
@@ -51,7 +39,7 @@ def port_files(spec: ModelSpec) -> dict[str, str]:
         "causal_lm_class": spec.causal_lm_class,
         "config_class": spec.config_class,
         "config_module": spec.source.config_module,
-        "runner_class": f"{spec.camel_name}Runner",
+        "runner_class": _runner_class(spec),
         "modeling_source": spec.source.display_modeling,
         "transformers_version": spec.source.transformers_version,
         "regenerate_command": spec.source.regenerate_command,
@@ -76,6 +64,15 @@ def port_files(spec: ModelSpec) -> dict[str, str]:
 
 
 SHARED_PACKAGE_INIT = "generated_models/__init__.py"
+
+
+def runner_import_path(spec: ModelSpec) -> str:
+    name = spec.source.name
+    return f"generated_models.{name}.runner_{name}:{_runner_class(spec)}"
+
+
+def _runner_class(spec: ModelSpec) -> str:
+    return f"{spec.camel_name}Runner"
 
 
 def header_lines(spec: ModelSpec, relative_path: str) -> list[str]:

@@ -43,7 +43,6 @@ DEFAULT_TIMEOUT_S = 300
 # cannot exhaust the machine's memory and have the kernel kill a neighbour instead.
 CHILD_MEMORY_LIMIT_BYTES = 8 * 2**30
 REASON_MAX_CHARS = 240
-MARKDOWN_START, MARKDOWN_END = "<!-- sweep:start -->", "<!-- sweep:end -->"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PORT_DIR, ROW_FILE, LOG_FILE = "port", "row.json", "child.log"
 VERIFY_STEP_COLUMNS = {"verify TP=1": "tp1_exact", "verify TP=2": "tp2_exact"}
@@ -123,18 +122,9 @@ def _file_defining(models_dir: Path, class_name: str) -> Path | None:
 
 def generate_port(folder: str, out_dir: Path) -> str:
     """Generate the port of `folder` under `out_dir`; returns its runner as "module:Class"."""
-    from scaffold.cli import generate
+    from scaffold.pipeline import generate
 
-    report = generate(folder, "transformers", out_dir)
-    runner_files = [path for path in report.written if path.name.startswith("runner_") and path.suffix == ".py"]
-    if len(runner_files) != 1:
-        raise StepFailed(f"expected one runner_*.py among the generated files, found {len(runner_files)}")
-    runner_file = runner_files[0]
-    runner_class = re.search(r"^class (\w+)\(ModelRunner\):", runner_file.read_text(encoding="utf-8"), re.MULTILINE)
-    if runner_class is None:
-        raise StepFailed(f"{runner_file.name} defines no ModelRunner subclass")
-    module = ".".join(runner_file.relative_to(out_dir).with_suffix("").parts)
-    return f"{module}:{runner_class.group(1)}"
+    return generate(folder, "transformers", out_dir).runner
 
 
 def import_port(runner_path: str, model_type: str, out_dir: Path) -> type:
@@ -516,16 +506,24 @@ def markdown_block(run: SweepRun) -> str:
     ])
 
 
+def markdown_markers(transformers_version: str) -> tuple[str, str]:
+    """The comments around a release's block: a README keeps one block per transformers release."""
+    return (f"<!-- sweep transformers={transformers_version}:start -->",
+            f"<!-- sweep transformers={transformers_version}:end -->")
+
+
 def write_markdown(run: SweepRun, path: Path) -> None:
-    """Replace only the text between the sweep markers when the file has them (a block inside a README);
-    otherwise write the whole file, markers included, so that the next run can replace the block."""
+    """Replace only the text between this release's markers when the file has them (a block inside a README);
+    otherwise add the block, markers included, at the file's end, so that the next run can replace it."""
+    start_marker, end_marker = markdown_markers(run.transformers_version)
     block = markdown_block(run)
     existing = path.read_text(encoding="utf-8") if path.is_file() else ""
-    start, end = existing.find(MARKDOWN_START), existing.find(MARKDOWN_END)
+    start, end = existing.find(start_marker), existing.find(end_marker)
     if 0 <= start < end:
-        text = f"{existing[:start + len(MARKDOWN_START)]}\n{block}\n{existing[end:]}"
+        text = f"{existing[:start + len(start_marker)]}\n{block}\n{existing[end:]}"
     else:
-        text = f"{MARKDOWN_START}\n{block}\n{MARKDOWN_END}\n"
+        separator = "\n" if existing and not existing.endswith("\n") else ""
+        text = f"{existing}{separator}{start_marker}\n{block}\n{end_marker}\n"
     path.write_text(text, encoding="utf-8")
 
 
@@ -565,8 +563,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="sweep only this model_type (repeatable), e.g. --only llama --only gpt2")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the rows as JSON")
     parser.add_argument("--markdown", type=Path, metavar="FILE",
-                        help=f"write the table as markdown; a file with {MARKDOWN_START} ... {MARKDOWN_END} "
-                             f"gets only that block replaced")
+                        help="write the table as markdown; a file with this transformers release's block "
+                             "(between `<!-- sweep transformers=VERSION:start -->` and `...:end -->`) gets only "
+                             "that block replaced, any other file gets the block added at its end")
     parser.add_argument("--jobs", type=_positive("--jobs", int), default=1,
                         help="architectures run at once (default 1)")
     parser.add_argument("--timeout", type=_positive("--timeout", float), default=DEFAULT_TIMEOUT_S,

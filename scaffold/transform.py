@@ -12,6 +12,7 @@ import libcst.matchers as m
 from libcst.codemod import CodemodCommand, CodemodContext
 
 from scaffold.errors import ScaffoldError
+from scaffold.head_names import HEAD_COUNT_NAME, HEAD_COUNTS, HEAD_SIZES, PER_RANK_HEAD_COUNTS
 from scaffold.inspect import ModelSpec, constructed_call, defined_name, names_used, reachable_definitions
 from scaffold.merge_linears import MERGED_LAYER, merge_sibling_linears
 from scaffold.plan import NORM_CLASS, TensorParallelPlan, WeightRole
@@ -336,12 +337,6 @@ PARALLEL_CLASSES = {
     "vocab_embedding": "VocabParallelEmbedding",
 }
 TENSOR_FACTORIES = {"empty", "zeros", "ones", "randn", "rand"}
-HEAD_COUNT_ATTRIBUTES = {"num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads",
-                         "num_key_value_groups", "n_heads", "n_head"}
-HEAD_SIZE_ATTRIBUTES = {"head_dim", "head_size", "attn_head_size"}
-# Config attributes that count heads (GPT-Neo, MPT and kin name them num_heads / n_heads).
-HEAD_COUNTS = {"num_attention_heads", "num_key_value_heads", "num_heads", "n_head", "n_heads", "num_kv_heads"}
-HEAD_COUNT_NAME = m.OneOf(*map(m.Name, sorted(HEAD_COUNTS)))
 LAYERS_MODULE = "core.layers"
 
 
@@ -453,11 +448,11 @@ class _ApplyPlan(cst.CSTTransformer):
         head_count = self._norm_head_count(class_name, updated_node.value)
         if head_count:
             self._head_spanning_norms[(class_name, attribute)] = head_count
-        if class_name in self._head_classes and attribute in HEAD_COUNT_ATTRIBUTES:
+        if class_name in self._head_classes and attribute in PER_RANK_HEAD_COUNTS:
             self._full_head_counts[(class_name, attribute)] = updated_node.value
             local = _LocalHeadCounts(self.imports, self._head_count_parameters(class_name))
             return updated_node.with_changes(value=updated_node.value.visit(local))
-        if class_name in self._head_classes and attribute in HEAD_SIZE_ATTRIBUTES:
+        if class_name in self._head_classes and attribute in HEAD_SIZES:
             # `self.head_dim = self.embed_dim // self.num_heads` divides by the full head count.
             return updated_node.with_changes(value=self._full_head_counts_in(updated_node.value, class_name))
         call = constructed_call(updated_node.value)

@@ -2,8 +2,10 @@
 
 The hash lets a later run tell a file nobody touched (safe to replace) from one a person edited: that one is
 kept (the run is refused) unless --force replaces it or --upgrade merges the person's edits into the new output.
-A pristine copy of every generated file under ROOT/.recipes-scaffold/pristine/ is the base of that three-way
-merge (`git merge-file`); conflicts are written with markers and reported, never dropped.
+The base of that three-way merge (`git merge-file`) is the file as it was generated, found by the hash its header
+records: in the git history of ROOT (generated files are committed, so a fresh clone has every base), else in a
+local copy under ROOT/.recipes-scaffold/pristine/ (git-ignored; it covers files generated but never committed).
+Conflicts are written with markers and reported, never dropped.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from scaffold.errors import ScaffoldError
 
 HASH_MARK = "recipes-scaffold-sha256:"
 PRISTINE_DIR = Path(".recipes-scaffold") / "pristine"
+# The local copies are a per-checkout cache: git history holds the committed bases.
+LOCAL_COPIES_IGNORED = "# recipes-scaffold's local copies of generated files: never committed\n*\n"
 COMMENT_STYLES = {".py": ("# ", ""), ".yaml": ("# ", ""), ".md": ("<!-- ", " -->")}
 
 
@@ -38,14 +42,18 @@ def stamp(relative_path: str, header: list[str], body: str) -> str:
     return "".join(f"{prefix}{line}{suffix}\n" for line in lines) + body
 
 
-def is_unedited(text: str) -> bool:
-    """True when the text still hashes to what the generator recorded in it."""
+def recorded_digest(text: str) -> str | None:
+    """The body hash the generator recorded in the file's header, if it has one."""
     head, mark, rest = text.partition(HASH_MARK)
     if not mark:
-        return False
-    hash_line, newline, body = rest.partition("\n")
-    recorded = hash_line.strip().removesuffix("-->").strip()
-    return bool(newline) and recorded == _digest(body)
+        return None
+    return rest.partition("\n")[0].strip().removesuffix("-->").strip()
+
+
+def is_unedited(text: str) -> bool:
+    """True when the text still hashes to what the generator recorded in it."""
+    digest = recorded_digest(text)
+    return digest is not None and digest == _body_digest(text)
 
 
 def write_files(root: Path, files: dict[str, str], force: bool = False, upgrade: bool = False) -> WriteReport:
@@ -79,33 +87,58 @@ def write_files(root: Path, files: dict[str, str], force: bool = False, upgrade:
         if relative_path in merged_texts:
             (conflicted if conflicts else merged).append(path)
         _atomic_write(root / PRISTINE_DIR / relative_path, text)
+    _atomic_write(root / PRISTINE_DIR.parent / ".gitignore", LOCAL_COPIES_IGNORED)
     return WriteReport(written, unchanged, merged, conflicted)
 
 
 def _merge(root: Path, relative_path: str, new_text: str) -> tuple[str, int]:
     """The person's edits (base → current) applied to the new output; returns (text, conflict count)."""
-    base_path = root / PRISTINE_DIR / relative_path
-    if not base_path.is_file():
-        raise ScaffoldError(
-            f"cannot --upgrade {relative_path}: its generated original ({base_path}) is missing, so your edits "
-            f"cannot be told apart; merge by hand or pass --force"
-        )
     git = shutil.which("git")
     if git is None:
         raise ScaffoldError("--upgrade needs git (git merge-file) for the three-way merge; install git")
+    current = (root / relative_path).read_text(encoding="utf-8")
+    base = _generated_original(git, root, relative_path, recorded_digest(current))
     with tempfile.TemporaryDirectory() as scratch:
-        current, base, new = Path(scratch) / "current", Path(scratch) / "base", Path(scratch) / "new"
-        shutil.copyfile(root / relative_path, current)
-        shutil.copyfile(base_path, base)
-        new.write_text(new_text, encoding="utf-8")
+        current_file, base_file, new_file = Path(scratch) / "current", Path(scratch) / "base", Path(scratch) / "new"
+        current_file.write_text(current, encoding="utf-8")
+        base_file.write_text(base, encoding="utf-8")
+        new_file.write_text(new_text, encoding="utf-8")
         result = subprocess.run(
             [git, "merge-file", "-p", "-L", f"{relative_path} (yours)", "-L", "previous generation",
-             "-L", "new generation", str(current), str(base), str(new)],
+             "-L", "new generation", str(current_file), str(base_file), str(new_file)],
             capture_output=True, text=True,
         )
     if result.returncode < 0 or result.returncode > 127:
         raise ScaffoldError(f"git merge-file failed on {relative_path}: {result.stderr.strip()}")
     return result.stdout, result.returncode
+
+
+def _generated_original(git: str, root: Path, relative_path: str, digest: str | None) -> str:
+    """The text the generator wrote when it recorded `digest`: the local copy, else the newest committed version
+    of the file whose body still hashes to it."""
+    if digest is not None:
+        local = root / PRISTINE_DIR / relative_path
+        if local.is_file() and _body_digest(local.read_text(encoding="utf-8")) == digest:
+            return local.read_text(encoding="utf-8")
+        for text in _committed_versions(git, root, relative_path):
+            if _body_digest(text) == digest:
+                return text
+    raise ScaffoldError(
+        f"cannot --upgrade {relative_path}: the file as generated (body hash {(digest or 'missing')[:12]}) is in "
+        f"neither the git history of {root} nor {root / PRISTINE_DIR}, so your edits cannot be told apart; "
+        f"commit generated files before editing them, or merge by hand and pass --force"
+    )
+
+
+def _committed_versions(git: str, root: Path, relative_path: str):
+    """The file's committed texts, newest first (nothing when ROOT is not in a git work tree)."""
+    log = subprocess.run([git, "-C", str(root), "log", "--format=%H", "--", relative_path],
+                         capture_output=True, text=True)
+    for commit in log.stdout.split() if log.returncode == 0 else []:
+        shown = subprocess.run([git, "-C", str(root), "show", f"{commit}:./{relative_path}"],
+                               capture_output=True, text=True)
+        if shown.returncode == 0:
+            yield shown.stdout
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -126,3 +159,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _digest(body: str) -> str:
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def _body_digest(text: str) -> str | None:
+    """The hash of what follows a stamped file's hash line (None for a text without one)."""
+    head, mark, rest = text.partition(HASH_MARK)
+    hash_line, newline, body = rest.partition("\n")
+    return _digest(body) if mark and newline else None

@@ -1,13 +1,15 @@
 """The generator: deterministic output identical to the committed port, clear errors, edits never lost."""
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, run_cli
-from scaffold.cli import generate
+from scaffold.pipeline import generate
 from scaffold.errors import ScaffoldError
-from scaffold.write import PRISTINE_DIR
+from scaffold.write import PRISTINE_DIR, stamp
 
 GPT_OSS_FILES = [
     "generated_models/__init__.py",
@@ -26,7 +28,7 @@ def test_regeneration_is_byte_identical_to_the_committed_port(tmp_path):
     generate("gpt_oss", "transformers", first)
     generate("gpt_oss", "transformers", second)
     written = sorted(str(path.relative_to(first)) for path in first.rglob("*")
-                     if path.is_file() and PRISTINE_DIR not in path.relative_to(first).parents)
+                     if path.is_file() and PRISTINE_DIR.parent not in path.relative_to(first).parents)
     assert written == sorted(GPT_OSS_FILES)
     for relative in GPT_OSS_FILES:
         fresh = (first / relative).read_bytes()
@@ -62,7 +64,7 @@ def test_generated_port_threads_runner_settings_and_prepares_inputs(tmp_path):
     assert "self.model = GptOssModel(config, runner_settings=runner_settings)" in modeling
     assert "GptOssDecoderLayer(config, runner_settings, layer_idx)" in modeling
     assert "def prepare_inputs_for_generation(\n        self, input_ids, attention_mask, position_ids, cache_position" in modeling
-    assert "past_key_values.set_write_slots(cache_position)" in modeling
+    assert "kv_cache.set_write_slots(cache_position)" in modeling
     assert "from ..." not in modeling and "GptOssForSequenceClassification" not in modeling
     runner = (tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py").read_text()
     for method in ("model_generate", "model_input_prepare", "model_output_process"):
@@ -73,7 +75,7 @@ def test_generated_port_threads_runner_settings_and_prepares_inputs(tmp_path):
 
 def test_generator_parses_but_never_imports_the_model_source(tmp_path):
     probe = (
-        "import sys; from pathlib import Path; from scaffold.cli import generate; "
+        "import sys; from pathlib import Path; from scaffold.pipeline import generate; "
         f"generate('gpt_oss', 'transformers', Path({str(tmp_path)!r})); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch')))"
     )
@@ -108,8 +110,8 @@ def test_edited_file_is_kept_unless_forced(tmp_path):
 
 
 def test_unedited_files_are_rewritten_and_identical_ones_left_alone(tmp_path):
-    assert len(generate("gpt_oss", "transformers", tmp_path).written) == len(GPT_OSS_FILES)
-    assert generate("gpt_oss", "transformers", tmp_path).written == []
+    assert len(generate("gpt_oss", "transformers", tmp_path).report.written) == len(GPT_OSS_FILES)
+    assert generate("gpt_oss", "transformers", tmp_path).report.written == []
 
 
 def test_unwritable_output_folder_is_a_clear_error(tmp_path):
@@ -127,9 +129,9 @@ def _edit_line(path: Path, old: str, new: str) -> None:
 
 def _generator_rewords_runner(monkeypatch, wording: str) -> None:
     """From now on the generator writes `wording` in the runner's docstring: a change in its output."""
-    import scaffold.cli
+    import scaffold.pipeline
 
-    original_port_files = scaffold.cli.port_files
+    original_port_files = scaffold.pipeline.port_files
 
     def changed_generator(spec):
         files = original_port_files(spec)
@@ -137,7 +139,7 @@ def _generator_rewords_runner(monkeypatch, wording: str) -> None:
         files[path] = files[path].replace("greedy decoding of a left-padded batch", wording)
         return files
 
-    monkeypatch.setattr(scaffold.cli, "port_files", changed_generator)
+    monkeypatch.setattr(scaffold.pipeline, "port_files", changed_generator)
 
 
 def test_upgrade_merges_edits_into_new_output(tmp_path, monkeypatch):
@@ -149,7 +151,7 @@ def test_upgrade_merges_edits_into_new_output(tmp_path, monkeypatch):
     _generator_rewords_runner(monkeypatch, "greedy decoding (new wording)")
     with pytest.raises(ScaffoldError, match="refusing to overwrite"):
         generate("gpt_oss", "transformers", tmp_path)
-    report = generate("gpt_oss", "transformers", tmp_path, upgrade=True)
+    report = generate("gpt_oss", "transformers", tmp_path, upgrade=True).report
     merged = runner.read_text()
     assert "# my edit" in merged and "greedy decoding (new wording)" in merged
     assert report.merged == [runner] and report.conflicted == []
@@ -162,22 +164,79 @@ def test_upgrade_conflict_is_marked_and_reported(tmp_path, monkeypatch):
     _edit_line(runner, "greedy decoding of a left-padded batch", "greedy decoding, my wording")
 
     _generator_rewords_runner(monkeypatch, "greedy decoding, new wording")
-    report = generate("gpt_oss", "transformers", tmp_path, upgrade=True)
+    report = generate("gpt_oss", "transformers", tmp_path, upgrade=True).report
     merged = runner.read_text()
     assert report.conflicted == [runner]
     assert "<<<<<<<" in merged and "my wording" in merged and "new wording" in merged
 
 
+def _git(folder: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(folder), *args], check=True, capture_output=True)
+
+
+def _commit_all(folder: Path) -> None:
+    _git(folder, "add", "-A")
+    _git(folder, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "port")
+
+
+def _port_committed_as_generated_earlier(repository: Path, runner_wording: str) -> Path:
+    """A git repository whose committed gpt_oss port was written by an earlier generator that put
+    `runner_wording` in the runner's docstring; returns the runner's path."""
+    _git(repository.parent, "init", "-q", repository.name)
+    generate("gpt_oss", "transformers", repository)
+    runner = repository / "generated_models/gpt_oss/runner_gpt_oss.py"
+    relative = str(runner.relative_to(repository))
+    text = runner.read_text()
+    header_end = text.index("\n", text.index("recipes-scaffold-sha256:")) + 1
+    old_body = text[header_end:].replace("greedy decoding of a left-padded batch", runner_wording)
+    header = [line.removeprefix("# ") for line in text[:header_end].splitlines()[:-1]]
+    runner.write_text(stamp(relative, header, old_body))
+    _commit_all(repository)
+    return runner
+
+
+def test_upgrade_finds_its_base_in_a_fresh_clone(tmp_path):
+    _port_committed_as_generated_earlier(tmp_path / "origin", "greedy decoding (old wording)")
+    _git(tmp_path, "clone", "-q", "origin", "clone")
+    clone = tmp_path / "clone"
+    assert not (clone / PRISTINE_DIR).exists()
+    runner = clone / "generated_models/gpt_oss/runner_gpt_oss.py"
+    _edit_line(runner, "        input_dict[\"input_ids\"] = next_tokens[:, None]\n",
+               "        input_dict[\"input_ids\"] = next_tokens[:, None]  # my edit\n")
+    report = generate("gpt_oss", "transformers", clone, upgrade=True).report
+    merged = runner.read_text()
+    assert report.merged == [runner] and report.conflicted == []
+    assert "# my edit" in merged and "greedy decoding of a left-padded batch" in merged and "old wording" not in merged
+
+
 def test_upgrade_cli_exits_nonzero_on_conflict(tmp_path):
-    assert run_cli("-m", "scaffold.cli", "gpt_oss", "--out", str(tmp_path)).returncode == 0
-    # As if the previous generation wrote "(old wording)" there and the user rewrote that same line.
-    runner = tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py"
-    pristine = tmp_path / ".recipes-scaffold/pristine/generated_models/gpt_oss/runner_gpt_oss.py"
-    _edit_line(pristine, "greedy decoding of a left-padded batch", "greedy decoding (old wording)")
-    _edit_line(runner, "greedy decoding of a left-padded batch", "greedy decoding (my wording)")
-    result = run_cli("-m", "scaffold.cli", "gpt_oss", "--out", str(tmp_path), "--upgrade")
+    runner = _port_committed_as_generated_earlier(tmp_path / "repository", "greedy decoding (old wording)")
+    shutil.rmtree(tmp_path / "repository" / PRISTINE_DIR)
+    _edit_line(runner, "greedy decoding (old wording)", "greedy decoding (my wording)")
+    result = run_cli("-m", "scaffold.cli", "gpt_oss", "--out", str(tmp_path / "repository"), "--upgrade")
     assert result.returncode == 1 and "conflicts to resolve" in result.stderr
     assert "<<<<<<<" in runner.read_text() and "my wording" in runner.read_text()
+
+
+def test_upgrade_without_a_base_is_one_clear_error(tmp_path):
+    generate("gpt_oss", "transformers", tmp_path)
+    shutil.rmtree(tmp_path / PRISTINE_DIR)
+    runner = tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py"
+    edited = runner.read_text() + "\n# my tuning note\n"
+    runner.write_text(edited)
+    result = run_cli("-m", "scaffold.cli", "gpt_oss", "--out", str(tmp_path), "--upgrade")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "cannot --upgrade generated_models/gpt_oss/runner_gpt_oss.py" in result.stderr
+    assert "neither the git history" in result.stderr
+    assert runner.read_text() == edited
+
+
+def test_local_copies_of_generated_files_are_never_committed(tmp_path):
+    _git(tmp_path.parent, "init", "-q", tmp_path.name)
+    generate("gpt_oss", "transformers", tmp_path)
+    status = subprocess.run(["git", "-C", str(tmp_path), "status", "--porcelain", "--untracked-files=all"],
+                            capture_output=True, text=True, check=True).stdout
+    assert ".recipes-scaffold" not in status and "runner_gpt_oss.py" in status
 
 
 def _remote_code_folder(folder: Path, marker: Path) -> Path:

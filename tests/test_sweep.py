@@ -6,7 +6,9 @@ import re
 import pytest
 from conftest import run_cli
 
-from scaffold.sweep import MARKDOWN_END, MARKDOWN_START, SweepRow, SweepRun, write_markdown
+from scaffold.sweep import SweepRow, SweepRun, markdown_markers, write_markdown
+
+MARKDOWN_START, MARKDOWN_END = markdown_markers("5.23.0")
 
 ROW_KEYS = {"architecture", "generated", "tp1_exact", "tp2_exact", "seconds", "reason"}
 # gpt2's modeling file has GPT2LMHeadModel and no *ForCausalLM class: the generator refuses it before any
@@ -90,3 +92,16 @@ def test_user_errors_are_one_line_and_exit_2(args, message):
     result = run_cli("-m", "scaffold.cli", "sweep", *args)
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {message}") and len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_markdown_keeps_one_block_per_transformers_release(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nmy text\n")
+    for version, exact in (("5.23.0", True), ("5.24.0", False), ("5.23.0", None)):
+        run = SweepRun([SweepRow("llama", True, exact, None, 1.0, "")], 1, "2030-01-01 00:00 UTC", version,
+                       "recipes-scaffold sweep --only llama")
+        write_markdown(run, readme)
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nmy text\n")
+    assert text.count("transformers 5.23.0") == 1 and text.count("transformers 5.24.0") == 1
+    assert "| llama | yes | - | - |" in text and "| llama | yes | no | - |" in text

@@ -26,9 +26,10 @@ from core.distributed import LaunchEnvironment, init_parallel_groups
 from core.errors import CheckpointError, SettingsError
 from core.kv_cache import StaticKVCache
 from core.layers import check_partitions
+from core.safetensors_reader import SafetensorsCheckpoint
 from core.settings import is_placeholder_path, validate_runner_settings
 from core.timing import GenerationTiming, StepTimer
-from core.weights import SafetensorsCheckpoint, load_checkpoint_into
+from core.weights import load_checkpoint_into
 
 logger = logging.getLogger(__name__)
 

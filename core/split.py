@@ -21,8 +21,9 @@ from core.distributed import simulated_rank
 from core.errors import SettingsError
 from core.layers import check_partitions
 from core.model_runner import ModelRunner, read_hf_config
+from core.safetensors_reader import SafetensorsCheckpoint
 from core.settings import load_runner_settings, validate_runner_settings
-from core.weights import SafetensorsCheckpoint, checkpoint_targets, load_checkpoint_into
+from core.weights import checkpoint_targets, load_checkpoint_into
 
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 SPLIT_SETTINGS_FILE = "runner_settings.yaml"

@@ -18,7 +18,6 @@ from core.layers import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
     ParallelLMHead,
-    QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     check_partitions,
@@ -106,16 +105,21 @@ def main() -> None:
         results["merged_interleaved_on_disk"] = (torch.cat([out[..., ::2], out[..., 1::2]], dim=-1)
                                                  - expected_gate_up).abs().max().item()
 
+        def qkv_layer():
+            # As the generator merges q_proj, k_proj, v_proj: q heads split, the single KV head replicated.
+            return MergedColumnParallelLinear(HIDDEN, [HEADS * HEAD_DIM, HEAD_DIM, HEAD_DIM], group="attn_tp",
+                                              num_heads=[HEADS, 1, 1])
+
         qkv_local = [HEADS * HEAD_DIM // tp.size, HEAD_DIM, HEAD_DIM]
         expected_qkv = F.linear(x, full["qkv_w"], full["qkv_b"])
-        qkv = load(QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, 1), "qkv_w", "qkv_b")
+        qkv = load(qkv_layer(), "qkv_w", "qkv_b")
         q, k, v = qkv(x).split(qkv_local, dim=-1)
         results["qkv_fused_on_disk"] = max(
             (tp.all_gather(q) - expected_qkv[..., : HEADS * HEAD_DIM]).abs().max().item(),
             (k - expected_qkv[..., HEADS * HEAD_DIM : HEADS * HEAD_DIM + HEAD_DIM]).abs().max().item(),
             (v - expected_qkv[..., -HEAD_DIM:]).abs().max().item(),
         )
-        qkv_separate = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, 1)
+        qkv_separate = qkv_layer()
         for shard_id, name in enumerate("qkv"):
             load(qkv_separate, f"{name}_w", f"{name}_b", shard_id=shard_id)
         results["qkv_separate_on_disk"] = (qkv_separate(x) - qkv(x)).abs().max().item()

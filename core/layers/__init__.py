@@ -7,7 +7,6 @@ from core.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
     ParallelLMHead,
-    QKVParallelLinear,
     RowParallelLinear,
 )
 from core.layers.parameter import sharded_parameter
@@ -17,7 +16,6 @@ __all__ = [
     "ColumnParallelLinear",
     "MergedColumnParallelLinear",
     "ParallelLMHead",
-    "QKVParallelLinear",
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "all_reduce",

@@ -103,17 +103,6 @@ class MergedColumnParallelLinear(SegmentedColumnLinear):
         super().__init__(in_features, segments, bias, group, interleaved, checkpoint_names)
 
 
-class QKVParallelLinear(SegmentedColumnLinear):
-    """q|k|v in one matmul: q heads split over `group`, KV heads split or replicated."""
-
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = True,
-                 group: str = "attn_tp"):
-        tp = get_tp_group(group)
-        q = split_heads(num_heads, head_dim, tp, "query heads")
-        k = split_heads(num_kv_heads, head_dim, tp, "key/value heads")
-        super().__init__(hidden_size, [q, k, k], bias, group)
-
-
 class RowParallelLinear(nn.Linear):
     """Input features split over `group` (by whole heads with `num_heads`); partial outputs are summed over
     the group and the bias is added once, after the sum."""

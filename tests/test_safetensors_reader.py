@@ -1,4 +1,4 @@
-"""core.weights reads exactly what safetensors itself reads, for whole tensors and for one narrowed dimension."""
+"""The safetensors reader reads exactly what safetensors itself reads, for whole tensors and one narrowed dimension."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from core.errors import CheckpointError
-from core.weights import SafetensorsCheckpoint
+from core.safetensors_reader import SafetensorsCheckpoint
 
 TENSORS = {
     "matrix": torch.randn(6, 10),
@@ -41,7 +41,7 @@ def test_slices_match_safetensors(folder, name, index):
 
 
 def test_strided_reads_use_bounded_chunks(folder, monkeypatch):
-    monkeypatch.setattr("core.weights.STRIDED_READ_CHUNK_BYTES", 40)
+    monkeypatch.setattr("core.safetensors_reader.STRIDED_READ_CHUNK_BYTES", 40)
     with SafetensorsCheckpoint(folder) as checkpoint:
         got = checkpoint.get_slice("experts")[:, :, 2:5]
     assert torch.equal(got, TENSORS["experts"][:, :, 2:5])

@@ -7,6 +7,8 @@ stay well under a few seconds per model.
 
 from __future__ import annotations
 
+import re
+
 import libcst as cst
 import libcst.matchers as m
 from libcst.codemod import CodemodCommand, CodemodContext
@@ -312,6 +314,59 @@ class _DropDecorator(cst.CSTTransformer):
 
     def leave_ClassDef(self, original_node: cst.ClassDef, updated_node: cst.ClassDef) -> cst.ClassDef:
         return updated_node.with_changes(decorators=[d for d in updated_node.decorators if self._keep(d)])
+
+
+# HF's own tensor-, pipeline- and expert-parallel plans: the port's parallel layers replace what they describe.
+HF_DISTRIBUTED_PLANS = {"_tp_plan", "_pp_plan", "_ep_plan"}
+EXAMPLE_SECTION = re.compile(r"\n([ \t]*)Examples?:")
+
+
+class DropHfSurfaceCommand(CodemodCommand):
+    """Drop what would tell a reader of the port something untrue: HF's distributed plans beside the port's
+    parallel layers, and docstring examples that build the model with `from_pretrained` (a port is built by its
+    runner)."""
+
+    DESCRIPTION = "Drop HF surface the runtime contradicts."
+
+    def transform_module_impl(self, tree: cst.Module) -> cst.Module:
+        return tree.visit(_DropHfSurface())
+
+
+class _DropHfSurface(cst.CSTTransformer):
+    def leave_ClassDef(self, original_node: cst.ClassDef, updated_node: cst.ClassDef) -> cst.ClassDef:
+        plan = m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(
+            m.Name(m.MatchIfTrue(lambda name: name in HF_DISTRIBUTED_PLANS)))])])
+        body = [statement for statement in updated_node.body.body if not m.matches(statement, plan)]
+        return _without_from_pretrained_example(updated_node.with_changes(body=updated_node.body.with_changes(
+            body=body)))
+
+    def leave_FunctionDef(self, original_node: cst.FunctionDef, updated_node: cst.FunctionDef) -> cst.FunctionDef:
+        return _without_from_pretrained_example(updated_node)
+
+
+def _without_from_pretrained_example(node: cst.ClassDef | cst.FunctionDef) -> cst.ClassDef | cst.FunctionDef:
+    """The definition with its docstring's example section cut when that example calls `from_pretrained`; a
+    docstring left empty goes (unless it is the whole body)."""
+    body = list(node.body.body) if isinstance(node.body, cst.IndentedBlock) else []
+    docstring = m.SimpleStatementLine(body=[m.Expr(value=m.SimpleString())])
+    if not body or not m.matches(body[0], docstring):
+        return node
+    literal = body[0].body[0].value
+    if ".from_pretrained(" not in literal.value:
+        return node
+    quote = literal.quote
+    content = literal.value[len(literal.prefix) + len(quote):-len(quote)]
+    example = EXAMPLE_SECTION.search(content)
+    kept = content[:example.start()] if example else ""
+    if kept.strip():
+        indent = example.group(1)
+        body[0] = body[0].with_changes(body=[cst.Expr(literal.with_changes(
+            value=f"{literal.prefix}{quote}{kept.rstrip()}\n{indent}{quote}"))])
+    elif len(body) > 1:
+        body = body[1:]
+    else:
+        return node
+    return node.with_changes(body=node.body.with_changes(body=body))
 
 
 class ReplaceHeaderCommand(CodemodCommand):
@@ -639,6 +694,7 @@ def port_modeling_module(spec: ModelSpec, plan: TensorParallelPlan, prepare_inpu
         ReplaceHeaderCommand(CodemodContext()),
         AbsoluteImportsCommand(CodemodContext(), spec.source.package),
         DropAutoDocstringCommand(CodemodContext()),
+        DropHfSurfaceCommand(CodemodContext()),
         PruneToCausalLMCommand(CodemodContext(), spec.causal_lm_class),
         ThreadRunnerSettingsCommand(CodemodContext(), spec),
         ApplyTensorParallelPlanCommand(CodemodContext(), spec, plan),

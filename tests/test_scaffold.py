@@ -266,3 +266,41 @@ def test_scaffolding_from_a_folder_never_executes_its_code(tmp_path):
     assert (port / "modeling_tinyoss.py").is_file() and (port / "configuration_tinyoss.py").is_file()
     runner = (port / "runner_tinyoss.py").read_text()
     assert "from generated_models.tinyoss.configuration_tinyoss import GptOssConfig" in runner
+
+
+@pytest.mark.parametrize("model", COMMITTED_PORTS)
+def test_committed_ports_keep_no_hf_surface_the_runtime_contradicts(model):
+    modeling = (REPO / f"generated_models/{model}/modeling_{model}.py").read_text()
+    assert "_tp_plan" not in modeling and "_pp_plan" not in modeling
+    assert "from_pretrained(" not in modeling
+
+
+def test_a_docstring_keeps_its_text_and_loses_its_from_pretrained_example():
+    import libcst as cst
+
+    from scaffold.transform import DropHfSurfaceCommand
+
+    source = (
+        "class A(Base):\n"
+        "    _tp_plan = {\"lm_head\": \"colwise_gather_output\"}\n"
+        "    kept = 1\n\n"
+        "    def forward(self, labels=None):\n"
+        "        r\"\"\"\n"
+        "        labels (`torch.LongTensor`):\n"
+        "            Labels for the loss.\n\n"
+        "        Example:\n\n"
+        "        >>> model = A.from_pretrained(\"x\")\n"
+        "        \"\"\"\n"
+        "        return 1\n"
+    )
+    ported = DropHfSurfaceCommand(None).transform_module_impl(cst.parse_module(source)).code
+    assert ported == (
+        "class A(Base):\n"
+        "    kept = 1\n\n"
+        "    def forward(self, labels=None):\n"
+        "        r\"\"\"\n"
+        "        labels (`torch.LongTensor`):\n"
+        "            Labels for the loss.\n"
+        "        \"\"\"\n"
+        "        return 1\n"
+    )

@@ -11,6 +11,7 @@ Conflicts are written with markers and reported, never dropped.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -118,9 +119,8 @@ def _generated_original(git: str, root: Path, relative_path: str, digest: str | 
     of the file whose body still hashes to it."""
     if digest is not None:
         local = root / PRISTINE_DIR / relative_path
-        if local.is_file() and _body_digest(local.read_text(encoding="utf-8")) == digest:
-            return local.read_text(encoding="utf-8")
-        for text in _committed_versions(git, root, relative_path):
+        candidates = [local.read_text(encoding="utf-8")] if local.is_file() else []
+        for text in itertools.chain(candidates, _committed_versions(git, root, relative_path)):
             if _body_digest(text) == digest:
                 return text
     raise ScaffoldError(
@@ -136,7 +136,7 @@ def _committed_versions(git: str, root: Path, relative_path: str):
                          capture_output=True, text=True)
     for commit in log.stdout.split() if log.returncode == 0 else []:
         shown = subprocess.run([git, "-C", str(root), "show", f"{commit}:./{relative_path}"],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, encoding="utf-8")
         if shown.returncode == 0:
             yield shown.stdout
 

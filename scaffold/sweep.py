@@ -45,6 +45,7 @@ CHILD_MEMORY_LIMIT_BYTES = 8 * 2**30
 REASON_MAX_CHARS = 240
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PORT_DIR, ROW_FILE, LOG_FILE = "port", "row.json", "child.log"
+SWEEP_TRANSFORMERS_VARIABLE = "RECIPES_SWEEP_TRANSFORMERS"
 VERIFY_STEP_COLUMNS = {"verify TP=1": "tp1_exact", "verify TP=2": "tp2_exact"}
 TRACEBACK_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 PYTHON_ERROR_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.+)$")
@@ -202,6 +203,7 @@ def sweep_one(model_type: str, tp: int, workdir: Path) -> None:
     row = SweepRow(model_type)
     progress = ChildProgress(row, workdir / ROW_FILE)
     try:
+        check_same_transformers()
         progress.enter("locate")
         folder = model_folder(model_type)
         progress.enter("generate")
@@ -221,6 +223,13 @@ def sweep_one(model_type: str, tp: int, workdir: Path) -> None:
     except Exception as error:  # noqa: BLE001 - any failure is this architecture's result, not the sweep's
         fail_row(row, progress.step, _without_scratch_paths(describe_error(error, out_dir, model_type), workdir))
     progress.save(finished=True)
+
+
+def check_same_transformers() -> None:
+    """The child must sweep the release its parent reports (a PYTHONPATH that does not reach it would not)."""
+    parent, child = os.environ.get(SWEEP_TRANSFORMERS_VARIABLE), importlib.metadata.version("transformers")
+    if parent is not None and parent != child:
+        raise StepFailed(f"this process imports transformers {child}, the sweep reports {parent}")
 
 
 def fail_row(row: SweepRow, step: str, why: str) -> None:
@@ -355,10 +364,10 @@ def run_child(model_type: str, tp: int, timeout_s: float, threads: int, scratch_
         workdir = Path(scratch)
         # The child inherits PYTHONPATH, and so do its torchrun ranks: the port's folder shadows the
         # repository's generated_models; the repository root keeps core/ and scaffold/ importable.
-        python_path = os.pathsep.join(filter(None, [str(workdir / PORT_DIR), str(REPO_ROOT),
-                                                    os.environ.get("PYTHONPATH")]))
+        python_path = os.pathsep.join([str(workdir / PORT_DIR), str(REPO_ROOT), *_inherited_python_path()])
         # TMPDIR too: what the child and torchrun leave in temporary folders goes when the scratch folder does.
-        env = {**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": str(threads), "TMPDIR": str(workdir)}
+        env = {**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": str(threads), "TMPDIR": str(workdir),
+               SWEEP_TRANSFORMERS_VARIABLE: importlib.metadata.version("transformers")}
         command = [sys.executable, "-m", "scaffold.sweep", "--one", model_type, "--tp", str(tp),
                    "--workdir", str(workdir)]
         with open(workdir / LOG_FILE, "w") as log:
@@ -377,6 +386,13 @@ def run_child(model_type: str, tp: int, timeout_s: float, threads: int, scratch_
         row = _child_row(model_type, workdir / ROW_FILE, failure)
     row.seconds = round(time.perf_counter() - started, 1)
     return row
+
+
+def _inherited_python_path() -> list[str]:
+    """This process's PYTHONPATH entries made absolute: the child runs in its scratch folder, where a relative entry
+    (`PYTHONPATH=build/transformers-X recipes-scaffold sweep`) would silently find nothing."""
+    entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    return [os.path.abspath(entry) for entry in entries if entry]
 
 
 def _child_row(model_type: str, row_path: Path, failure: str | None) -> SweepRow:

@@ -105,3 +105,13 @@ def test_markdown_keeps_one_block_per_transformers_release(tmp_path):
     assert text.startswith("# Title\n\nmy text\n")
     assert text.count("transformers 5.23.0") == 1 and text.count("transformers 5.24.0") == 1
     assert "| llama | yes | - | - |" in text and "| llama | yes | no | - |" in text
+
+
+def test_a_child_that_imports_another_transformers_release_fails_its_row(monkeypatch):
+    import transformers
+
+    from scaffold.sweep import SWEEP_TRANSFORMERS_VARIABLE, StepFailed, check_same_transformers
+
+    monkeypatch.setenv(SWEEP_TRANSFORMERS_VARIABLE, "0.0.1")
+    with pytest.raises(StepFailed, match=f"imports transformers {transformers.__version__}, the sweep reports 0.0.1"):
+        check_same_transformers()

@@ -6,6 +6,7 @@ generator finds what it needs by role, and stops with one line on what it does n
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -14,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import transformers
-from packaging.requirements import Requirement
-
 from conftest import REPO, run_cli
+from packaging.requirements import Requirement
+from transformers_releases import PROVEN_RELEASES, environment, python_path_for
+
 from scaffold.pipeline import generate
-from transformers_releases import PROVEN_RELEASES, environment
 
 NEWEST = PROVEN_RELEASES[-1]
 COMMITTED_PORTS = sorted(path.name for path in (REPO / "generated_models").iterdir() if (path / "infer.py").is_file())
@@ -26,18 +27,22 @@ COMMITTED_PORTS = sorted(path.name for path in (REPO / "generated_models").iterd
 # (falcon, gpt_bigcode), chunked attention (llama4_text), an indexer key cache (deepseek_v32), local attention
 # (gpt_neo) and experts (olmoe).
 SWEEP_SUBSET = ("falcon", "gpt_bigcode", "llama4_text", "deepseek_v32", "gpt_neo", "olmoe")
-USER_EDIT = ("        self.intermediate_size = config.intermediate_size\n",
-             "        self.intermediate_size = config.intermediate_size  # my edit: NPU kernels like multiples of 256\n")
+USER_EDIT = (
+    "        self.intermediate_size = config.intermediate_size\n",
+    "        self.intermediate_size = config.intermediate_size  # my edit: NPU kernels like multiples of 256\n",
+)
 
 
 def _run(command: list[str], cwd: Path, version: str, *first_on_path: Path, timeout: float = 900):
-    return subprocess.run(command, cwd=cwd, env=environment(version, *first_on_path), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        command, cwd=cwd, env=environment(version, *first_on_path), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _git(folder: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True, capture_output=True
+    )
 
 
 def test_pyproject_accepts_every_proven_release():
@@ -55,7 +60,9 @@ def _llama_folder(folder: Path, rewrite) -> Path:
     folder.mkdir()
     for kind in ("configuration", "modeling"):
         text = (source / f"{kind}_llama.py").read_text().replace("from ... import", "from transformers import")
-        text = text.replace("from ...", "from transformers.").replace(".configuration_llama", ".configuration_tinyllama")
+        text = text.replace("from ...", "from transformers.").replace(
+            ".configuration_llama", ".configuration_tinyllama"
+        )
         (folder / f"{kind}_tinyllama.py").write_text(rewrite(text) if kind == "modeling" else text)
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     return folder
@@ -70,15 +77,19 @@ def test_the_cache_argument_is_found_by_its_annotation_whatever_its_name(tmp_pat
 
 def test_a_construct_the_generator_does_not_understand_stops_it_with_one_line(tmp_path):
     # As a future release might: the cache gets a new type and a new interface.
-    folder = _llama_folder(tmp_path / "future", lambda text: text.replace("Cache | None", "KVStore | None")
-                           .replace(".get_seq_length(", ".seq_len("))
+    folder = _llama_folder(
+        tmp_path / "future",
+        lambda text: text.replace("Cache | None", "KVStore | None").replace(".get_seq_length(", ".seq_len("),
+    )
     out = tmp_path / "out"
     result = run_cli("-m", "scaffold.cli", "tinyllama", "--from", str(folder), "--out", str(out))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
-    assert (f"error: rule 'cache argument' does not understand LlamaForCausalLM.forward's cache parameter "
-            f"(candidates: none annotated `Cache` or used as one) in future/modeling_tinyllama.py "
-            f"(transformers {transformers.__version__}); no file was written") in result.stderr
+    assert (
+        f"error: rule 'cache argument' does not understand LlamaForCausalLM.forward's cache parameter "
+        f"(candidates: none annotated `Cache` or used as one) in future/modeling_tinyllama.py "
+        f"(transformers {transformers.__version__}); no file was written"
+    ) in result.stderr
     assert not out.exists()
 
 
@@ -89,14 +100,20 @@ def upgraded_repository(tmp_path_factory) -> Path:
     header = (REPO / "generated_models/llama/runner_llama.py").read_text().splitlines()[0]
     assert f"transformers {PROVEN_RELEASES[0]}:" in header, "the committed ports come from the oldest release"
     repository = tmp_path_factory.mktemp("releases") / "my_ports"
-    for relative in ["generated_models/__init__.py", *[f"generated_models/{port}" for port in COMMITTED_PORTS],
-                     *[f"config/{port}.yaml" for port in COMMITTED_PORTS],
-                     *[f"tests/generated/test_{port}.py" for port in COMMITTED_PORTS]]:
+    for relative in [
+        "generated_models/__init__.py",
+        *[f"generated_models/{port}" for port in COMMITTED_PORTS],
+        *[f"config/{port}.yaml" for port in COMMITTED_PORTS],
+        *[f"tests/generated/test_{port}.py" for port in COMMITTED_PORTS],
+    ]:
         target = repository / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         copy = shutil.copytree if (REPO / relative).is_dir() else shutil.copyfile
-        copy(REPO / relative, target, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree
-                                         else {}))
+        copy(
+            REPO / relative,
+            target,
+            **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}),
+        )
     _git(repository, "init", "-q")
     _git(repository, "add", "-A")
     _git(repository, "commit", "-q", "-m", f"ports generated from transformers {PROVEN_RELEASES[0]}")
@@ -104,8 +121,9 @@ def upgraded_repository(tmp_path_factory) -> Path:
     modeling.write_text(modeling.read_text().replace(*USER_EDIT))
     _git(repository, "commit", "-q", "-am", "my edit")
     for port in COMMITTED_PORTS:
-        result = _run([sys.executable, "-m", "scaffold.cli", port, "--upgrade", "--out", str(repository)],
-                      repository, NEWEST)
+        result = _run(
+            [sys.executable, "-m", "scaffold.cli", port, "--upgrade", "--out", str(repository)], repository, NEWEST
+        )
         assert result.returncode == 0, f"{port}: {result.stderr}"
     return repository
 
@@ -119,26 +137,44 @@ def test_upgrading_to_the_newest_release_keeps_the_users_edit(upgraded_repositor
 def test_every_committed_port_regenerated_under_the_newest_release_matches_hf(upgraded_repository, measurements):
     """Each port's own generated regression test (TP=1, and TP=2 online, offline and with a replicated KV head),
     run with the newest release's transformers against HF eager of that release."""
-    result = _run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
-                   "tests/generated"], upgraded_repository, NEWEST, upgraded_repository, REPO / "tests")
+    result = _run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", "tests/generated"],
+        upgraded_repository,
+        NEWEST,
+        upgraded_repository,
+        REPO / "tests",
+    )
     differences = [float(found) for found in re.findall(r"max \|port - HF\| = (\S+) ", result.stdout)]
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
-    measurements.append(f"transformers {NEWEST}, the {len(COMMITTED_PORTS)} committed ports upgraded and verified "
-                        f"(TP=1 and TP=2 cases: {len(differences)}, max |port - HF| {max(differences, default=0):.2e}): "
-                        f"{summary}")
+    measurements.append(
+        f"transformers {NEWEST}, the {len(COMMITTED_PORTS)} committed ports upgraded and verified "
+        f"(TP=1 and TP=2 cases: {len(differences)}, max |port - HF| {max(differences, default=0):.2e}): "
+        f"{summary}"
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
 def test_a_sweep_subset_is_exact_under_the_newest_release(tmp_path, measurements):
+    """Run as a user would, from the repository with a relative PYTHONPATH: every child must import that release."""
     report = tmp_path / "sweep.json"
     only = [argument for architecture in SWEEP_SUBSET for argument in ("--only", architecture)]
-    result = _run([sys.executable, "-m", "scaffold.sweep", "--tp", "2", "--jobs", "2", "--json", str(report), *only],
-                  tmp_path, NEWEST)
+    relative = [os.path.relpath(entry, REPO) for entry in python_path_for(NEWEST)]
+    result = subprocess.run(
+        [sys.executable, "-m", "scaffold.cli", "sweep", "--tp", "2", "--jobs", "2", "--json", str(report), *only],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(relative)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     run = json.loads(report.read_text())
     assert run["transformers_version"] == NEWEST
     rows = {row["architecture"]: row for row in run["rows"]}
-    measurements.append(f"transformers {NEWEST} sweep subset: " + ", ".join(
-        f"{name} TP=1 {row['tp1_exact']} TP=2 {row['tp2_exact']}" for name, row in rows.items()))
+    measurements.append(
+        f"transformers {NEWEST} sweep subset: "
+        + ", ".join(f"{name} TP=1 {row['tp1_exact']} TP=2 {row['tp2_exact']}" for name, row in rows.items())
+    )
     assert all(row["tp1_exact"] and row["tp2_exact"] for row in rows.values()), {
-        name: row["reason"] for name, row in rows.items() if row["reason"]}
+        name: row["reason"] for name, row in rows.items() if row["reason"]
+    }

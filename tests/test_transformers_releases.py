@@ -100,20 +100,13 @@ def upgraded_repository(tmp_path_factory) -> Path:
     header = (REPO / "generated_models/llama/runner_llama.py").read_text().splitlines()[0]
     assert f"transformers {PROVEN_RELEASES[0]}:" in header, "the committed ports come from the oldest release"
     repository = tmp_path_factory.mktemp("releases") / "my_ports"
-    for relative in [
-        "generated_models/__init__.py",
-        *[f"generated_models/{port}" for port in COMMITTED_PORTS],
-        *[f"config/{port}.yaml" for port in COMMITTED_PORTS],
-        *[f"tests/generated/test_{port}.py" for port in COMMITTED_PORTS],
-    ]:
-        target = repository / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        copy = shutil.copytree if (REPO / relative).is_dir() else shutil.copyfile
-        copy(
-            REPO / relative,
-            target,
-            **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}),
-        )
+    for port in COMMITTED_PORTS:
+        shutil.copytree(REPO / "generated_models" / port, repository / "generated_models" / port,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for relative in (f"config/{port}.yaml", f"tests/generated/test_{port}.py"):
+            (repository / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(REPO / relative, repository / relative)
+    shutil.copyfile(REPO / "generated_models/__init__.py", repository / "generated_models/__init__.py")
     _git(repository, "init", "-q")
     _git(repository, "add", "-A")
     _git(repository, "commit", "-q", "-m", f"ports generated from transformers {PROVEN_RELEASES[0]}")

@@ -555,7 +555,7 @@ class _ApplyPlan(cst.CSTTransformer):
         if role.role == "merged_column":
             return self._merged_column_call(call, role, f"{class_name}.{attribute}")
         self.imports.add("sharded_parameter")
-        shape = self._parameter_shape(call, f"{class_name}.{attribute}")
+        shape, dtype = self._parameter_shape(call, f"{class_name}.{attribute}")
         extra = [_keyword("group", cst.SimpleString(f'"{role.group}"'))]
         if role.role == "sharded":
             extra.append(_keyword("dim", cst.Integer(str(role.dim))))
@@ -563,6 +563,8 @@ class _ApplyPlan(cst.CSTTransformer):
                 extra.append(_keyword("segments", cst.Integer(str(role.segments))))
         else:
             extra.append(_keyword("summand", cst.Name("True")))
+        if dtype is not None:
+            extra.append(_keyword("dtype", dtype))
         return cst.Call(cst.Name("sharded_parameter"), args=_with_trailing_args(cst.Call(
             cst.Name("sharded_parameter"), args=[cst.Arg(shape)]), extra))
 
@@ -584,27 +586,31 @@ class _ApplyPlan(cst.CSTTransformer):
         return cst.Call(cst.Name(MERGED_LAYER), args=_with_trailing_args(cst.Call(cst.Name(MERGED_LAYER), args=args),
                                                                           extra))
 
-    def _parameter_shape(self, call: cst.Call, where: str) -> cst.BaseExpression:
-        """The shape tuple of `nn.Parameter(torch.empty(a, b))` / `nn.Parameter(torch.zeros((a, b)))` /
-        `nn.Parameter(torch.full((a, b), value))` (the values come from the checkpoint)."""
+    def _parameter_shape(self, call: cst.Call, where: str) -> tuple[cst.BaseExpression, cst.BaseExpression | None]:
+        """The shape tuple and the `dtype=` (if any) of `nn.Parameter(torch.empty(a, b))` /
+        `nn.Parameter(torch.zeros((a, b), dtype=...))` / `nn.Parameter(torch.full((a, b), value))` (the values come
+        from the checkpoint)."""
         factory = call.args[0].value if call.args else None
         filled = m.matches(factory, m.Call(func=m.Attribute(attr=m.Name("full")),
                                            args=[m.Arg(m.Tuple() | m.List(), keyword=None), m.ZeroOrMore()]))
         if not filled and not (isinstance(factory, cst.Call) and isinstance(factory.func, cst.Attribute)
                                and factory.func.attr.value in TENSOR_FACTORIES
-                               and all(arg.keyword is None for arg in factory.args)):
+                               and all(arg.keyword is None or arg.keyword.value == "dtype" for arg in factory.args)):
             raise ScaffoldError(
                 f"{self.spec.source.display_modeling}: {where} is not built as nn.Parameter(torch.empty(*shape)); "
                 f"give it a role the generator can rewrite in the override file"
             )
-        if (filled or len(factory.args) == 1) and isinstance(factory.args[0].value, (cst.Tuple, cst.List)):
-            elements = factory.args[0].value.elements
+        dtype = next((arg.value for arg in factory.args if arg.keyword is not None and arg.keyword.value == "dtype"),
+                     None)
+        sizes = [arg for arg in factory.args if arg.keyword is None]
+        if (filled or len(sizes) == 1) and isinstance(sizes[0].value, (cst.Tuple, cst.List)):
+            elements = sizes[0].value.elements
         else:
-            elements = [cst.Element(arg.value) for arg in factory.args]
+            elements = [cst.Element(arg.value) for arg in sizes]
         elements = [element.with_changes(comma=cst.MaybeSentinel.DEFAULT) for element in elements]
         commas = [element.with_changes(comma=_comma()) for element in elements[:-1]]
         last = elements[-1].with_changes(comma=cst.Comma()) if len(elements) == 1 else elements[-1]
-        return cst.Tuple(commas + [last])
+        return cst.Tuple(commas + [last]), dtype
 
     def _norm_head_count(self, class_name: str, value: cst.BaseExpression) -> str | None:
         """`Norm(config.num_attention_heads * self.head_dim, ...)` in a head-sharded class: a norm over every head

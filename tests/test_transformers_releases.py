@@ -25,8 +25,9 @@ NEWEST = PROVEN_RELEASES[-1]
 COMMITTED_PORTS = sorted(path.name for path in (REPO / "generated_models").iterdir() if (path / "infer.py").is_file())
 # Architectures beyond the committed ports whose rules touch the cache and attention: MQA's single shared KV head
 # (falcon, gpt_bigcode), chunked attention (llama4_text), an indexer key cache (deepseek_v32), local attention
-# (gpt_neo) and experts (olmoe).
-SWEEP_SUBSET = ("falcon", "gpt_bigcode", "llama4_text", "deepseek_v32", "gpt_neo", "olmoe")
+# (gpt_neo), experts (olmoe), and parameters and layers 5.24.0 builds with an explicit `dtype=` (flint's sinks,
+# hy_v4's LM head).
+SWEEP_SUBSET = ("falcon", "gpt_bigcode", "llama4_text", "deepseek_v32", "gpt_neo", "olmoe", "flint", "hy_v4")
 USER_EDIT = (
     "        self.intermediate_size = config.intermediate_size\n",
     "        self.intermediate_size = config.intermediate_size  # my edit: NPU kernels like multiples of 256\n",

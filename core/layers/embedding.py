@@ -14,13 +14,13 @@ from core.layers.partition import split_evenly, take, tensor_shape
 
 class VocabParallelEmbedding(nn.Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
-                 group: str = "embed_tp"):
+                 group: str = "embed_tp", dtype: torch.dtype | None = None):
         tp = get_tp_group(group)
         segment = split_evenly(num_embeddings, tp, "vocabulary")
         local_padding = None
         if padding_idx is not None and segment.start <= padding_idx < segment.start + segment.local:
             local_padding = padding_idx - segment.start
-        super().__init__(segment.local, embedding_dim, padding_idx=local_padding)
+        super().__init__(segment.local, embedding_dim, padding_idx=local_padding, dtype=dtype)
         self.tp_group = tp
         self.segment = segment
         self.full_num_embeddings = num_embeddings

@@ -25,8 +25,9 @@ class SegmentedColumnLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, segments: list[Segment], bias: bool, group: str,
-                 interleaved: bool = False, checkpoint_names: list[str] | None = None):
-        super().__init__(in_features, sum(segment.local for segment in segments), bias=bias)
+                 interleaved: bool = False, checkpoint_names: list[str] | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__(in_features, sum(segment.local for segment in segments), bias=bias, dtype=dtype)
         self.tp_group = get_tp_group(group)
         self.segments = segments
         self.interleaved = interleaved
@@ -70,13 +71,13 @@ class ColumnParallelLinear(SegmentedColumnLinear):
     is larger than the head count, as KV heads are under GQA)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group: str = "attn_tp",
-                 num_heads: int | None = None):
+                 num_heads: int | None = None, dtype: torch.dtype | None = None):
         tp = get_tp_group(group)
         if num_heads is None:
             segment = split_evenly(out_features, tp, "output features")
         else:
             segment = split_heads(num_heads, out_features // num_heads, tp)
-        super().__init__(in_features, [segment], bias, group)
+        super().__init__(in_features, [segment], bias, group, dtype=dtype)
 
 
 class MergedColumnParallelLinear(SegmentedColumnLinear):
@@ -89,7 +90,7 @@ class MergedColumnParallelLinear(SegmentedColumnLinear):
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = True, group: str = "moe_tp",
                  interleaved: bool = False, num_heads: list[int | None] | None = None,
-                 checkpoint_names: list[str] | None = None):
+                 checkpoint_names: list[str] | None = None, dtype: torch.dtype | None = None):
         tp = get_tp_group(group)
         if interleaved and len(set(output_sizes)) != 1:
             raise ValueError(f"interleaved segments must be of equal size, got {output_sizes}")
@@ -100,7 +101,7 @@ class MergedColumnParallelLinear(SegmentedColumnLinear):
             else split_heads(count, size // count, tp, f"heads{name}")
             for size, count, name in zip(output_sizes, heads, names)
         ]
-        super().__init__(in_features, segments, bias, group, interleaved, checkpoint_names)
+        super().__init__(in_features, segments, bias, group, interleaved, checkpoint_names, dtype)
 
 
 class RowParallelLinear(nn.Linear):
@@ -108,7 +109,7 @@ class RowParallelLinear(nn.Linear):
     the group and the bias is added once, after the sum."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group: str = "attn_tp",
-                 num_heads: int | None = None):
+                 num_heads: int | None = None, dtype: torch.dtype | None = None):
         tp = get_tp_group(group)
         if num_heads is None:
             segment = split_evenly(in_features, tp, "input features")
@@ -117,7 +118,7 @@ class RowParallelLinear(nn.Linear):
             if tp.size > num_heads and segment.problem is None:
                 segment = Segment(segment.full, 0, segment.local,
                                   f"{num_heads} heads cannot be split over {tp.name}_size {tp.size}")
-        super().__init__(segment.local, out_features, bias=bias)
+        super().__init__(segment.local, out_features, bias=bias, dtype=dtype)
         self.tp_group = tp
         self.segment = segment
         self.partition_problem = segment.problem
@@ -148,8 +149,9 @@ class RowParallelLinear(nn.Linear):
 class ParallelLMHead(ColumnParallelLinear):
     """Vocabulary split over `group`; every rank gets the full logits (gathered)."""
 
-    def __init__(self, in_features: int, vocab_size: int, bias: bool = False, group: str = "lmhead_tp"):
-        super().__init__(in_features, vocab_size, bias=bias, group=group)
+    def __init__(self, in_features: int, vocab_size: int, bias: bool = False, group: str = "lmhead_tp",
+                 dtype: torch.dtype | None = None):
+        super().__init__(in_features, vocab_size, bias=bias, group=group, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp_group.all_gather(super().forward(x), dim=-1)

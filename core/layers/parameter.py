@@ -11,7 +11,7 @@ from core.layers.partition import split_evenly, take, tensor_shape
 
 
 def sharded_parameter(full_shape: tuple[int, ...], group: str, dim: int | None = None,
-                      summand: bool = False, segments: int = 1) -> nn.Parameter:
+                      summand: bool = False, segments: int = 1, dtype: torch.dtype | None = None) -> nn.Parameter:
     """An uninitialised parameter holding this rank's part of a `full_shape` checkpoint tensor.
 
     dim: split that dimension evenly over `group` (a contiguous block per rank).
@@ -19,6 +19,7 @@ def sharded_parameter(full_shape: tuple[int, ...], group: str, dim: int | None =
     split on its own; the rank keeps its slice of each, in order.
     summand: the tensor is added to an output that the group sums afterwards (e.g. the experts' down-projection
     bias), so only the group's first rank holds it and the others hold zeros: it is counted once.
+    dtype: as the model's code built it (gpt-oss-style sinks kept in float32); None is torch's default.
     """
     tp = get_tp_group(group)
     full_shape = tuple(full_shape)
@@ -28,7 +29,7 @@ def sharded_parameter(full_shape: tuple[int, ...], group: str, dim: int | None =
         parts = f" (each of its {segments} parts)" if segments > 1 else ""
         segment = split_evenly(full_shape[dim] // segments, tp, f"dimension {dim % len(full_shape)}{parts} of size")
         local_shape[dim] = segment.local * segments
-    param = nn.Parameter(torch.empty(local_shape))
+    param = nn.Parameter(torch.empty(local_shape, dtype=dtype))
 
     def weight_loader(param: nn.Parameter, loaded) -> None:
         if tensor_shape(loaded) != full_shape:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+COMMITTED_PORTS = sorted(path.name for path in (REPO / "generated_models").iterdir() if (path / "infer.py").is_file())
 _MEASUREMENTS: list[str] = []
 
 
@@ -38,3 +39,9 @@ def checkpoint_copy(tiny_gpt_oss, tmp_path) -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd or REPO, capture_output=True, text=True)
+
+
+def git(folder: Path, *args: str) -> None:
+    """Run git in `folder` as a throwaway committer."""
+    subprocess.run(["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                   capture_output=True)

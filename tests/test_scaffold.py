@@ -5,10 +5,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import COMMITTED_PORTS, REPO, git, run_cli
 
-from conftest import REPO, run_cli
-from scaffold.pipeline import generate
 from scaffold.errors import ScaffoldError
+from scaffold.pipeline import generate
 from scaffold.write import PRISTINE_DIR, stamp
 
 GPT_OSS_FILES = [
@@ -38,7 +38,6 @@ def test_regeneration_is_byte_identical_to_the_committed_port(tmp_path):
         )
 
 
-COMMITTED_PORTS = sorted(path.name for path in (REPO / "generated_models").iterdir() if (path / "infer.py").is_file())
 
 
 @pytest.mark.parametrize("model", [name for name in COMMITTED_PORTS if name != "gpt_oss"])
@@ -170,19 +169,15 @@ def test_upgrade_conflict_is_marked_and_reported(tmp_path, monkeypatch):
     assert "<<<<<<<" in merged and "my wording" in merged and "new wording" in merged
 
 
-def _git(folder: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(folder), *args], check=True, capture_output=True)
-
-
 def _commit_all(folder: Path) -> None:
-    _git(folder, "add", "-A")
-    _git(folder, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "port")
+    git(folder, "add", "-A")
+    git(folder, "commit", "-q", "-m", "port")
 
 
 def _port_committed_as_generated_earlier(repository: Path, runner_wording: str) -> Path:
     """A git repository whose committed gpt_oss port was written by an earlier generator that put
     `runner_wording` in the runner's docstring; returns the runner's path."""
-    _git(repository.parent, "init", "-q", repository.name)
+    git(repository.parent, "init", "-q", repository.name)
     generate("gpt_oss", "transformers", repository)
     runner = repository / "generated_models/gpt_oss/runner_gpt_oss.py"
     relative = str(runner.relative_to(repository))
@@ -197,7 +192,7 @@ def _port_committed_as_generated_earlier(repository: Path, runner_wording: str) 
 
 def test_upgrade_finds_its_base_in_a_fresh_clone(tmp_path):
     _port_committed_as_generated_earlier(tmp_path / "origin", "greedy decoding (old wording)")
-    _git(tmp_path, "clone", "-q", "origin", "clone")
+    git(tmp_path, "clone", "-q", "origin", "clone")
     clone = tmp_path / "clone"
     assert not (clone / PRISTINE_DIR).exists()
     runner = clone / "generated_models/gpt_oss/runner_gpt_oss.py"
@@ -232,7 +227,7 @@ def test_upgrade_without_a_base_is_one_clear_error(tmp_path):
 
 
 def test_local_copies_of_generated_files_are_never_committed(tmp_path):
-    _git(tmp_path.parent, "init", "-q", tmp_path.name)
+    git(tmp_path.parent, "init", "-q", tmp_path.name)
     generate("gpt_oss", "transformers", tmp_path)
     status = subprocess.run(["git", "-C", str(tmp_path), "status", "--porcelain", "--untracked-files=all"],
                             capture_output=True, text=True, check=True).stdout

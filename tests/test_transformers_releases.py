@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import transformers
-from conftest import REPO, run_cli
+from conftest import COMMITTED_PORTS, REPO, git, run_cli
 from packaging.requirements import Requirement
 from transformers_releases import PROVEN_RELEASES, environment, python_path_for
 
 from scaffold.pipeline import generate
 
 NEWEST = PROVEN_RELEASES[-1]
-COMMITTED_PORTS = sorted(path.name for path in (REPO / "generated_models").iterdir() if (path / "infer.py").is_file())
 # Architectures beyond the committed ports whose rules touch the cache and attention: MQA's single shared KV head
 # (falcon, gpt_bigcode), chunked attention (llama4_text), an indexer key cache (deepseek_v32), local attention
 # (gpt_neo), experts (olmoe), and parameters and layers 5.24.0 builds with an explicit `dtype=` (flint's sinks,
@@ -37,12 +36,6 @@ USER_EDIT = (
 def _run(command: list[str], cwd: Path, version: str, *first_on_path: Path, timeout: float = 900):
     return subprocess.run(
         command, cwd=cwd, env=environment(version, *first_on_path), capture_output=True, text=True, timeout=timeout
-    )
-
-
-def _git(folder: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True, capture_output=True
     )
 
 
@@ -108,12 +101,12 @@ def upgraded_repository(tmp_path_factory) -> Path:
             (repository / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(REPO / relative, repository / relative)
     shutil.copyfile(REPO / "generated_models/__init__.py", repository / "generated_models/__init__.py")
-    _git(repository, "init", "-q")
-    _git(repository, "add", "-A")
-    _git(repository, "commit", "-q", "-m", f"ports generated from transformers {PROVEN_RELEASES[0]}")
+    git(repository, "init", "-q")
+    git(repository, "add", "-A")
+    git(repository, "commit", "-q", "-m", f"ports generated from transformers {PROVEN_RELEASES[0]}")
     modeling = repository / "generated_models/llama/modeling_llama.py"
     modeling.write_text(modeling.read_text().replace(*USER_EDIT))
-    _git(repository, "commit", "-q", "-am", "my edit")
+    git(repository, "commit", "-q", "-am", "my edit")
     for port in COMMITTED_PORTS:
         result = _run(
             [sys.executable, "-m", "scaffold.cli", port, "--upgrade", "--out", str(repository)], repository, NEWEST

@@ -26,14 +26,13 @@ from core.distributed import LaunchEnvironment, init_parallel_groups
 from core.errors import CheckpointError, SettingsError
 from core.kv_cache import StaticKVCache
 from core.layers import check_partitions
+from core.quantization import QuantizationMethod, QuantizedCheckpoint, declared_quantization, quantization_method
 from core.safetensors_reader import SafetensorsCheckpoint
 from core.settings import is_placeholder_path, validate_runner_settings
 from core.timing import GenerationTiming, StepTimer
 from core.weights import load_checkpoint_into
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_QUANTIZATION: tuple[str, ...] = ()
 
 
 def _strip_after_eos(row: list[int], eos_ids: set[int]) -> list[int]:
@@ -102,6 +101,8 @@ class ModelRunner:
         self.enable_profiler: bool = model_config["enable_profiler"]
         self.enable_weight_nz: bool = model_config["enable_weight_nz"]
         self.tokenizer_mode: str = model_config["tokenizer_mode"]
+        self.quant_weight_mode: str = model_config["quant_weight_mode"]
+        self.quantization: QuantizationMethod | None = None
         data_config = settings["data_config"]
         self.input_max_len: int = data_config["input_max_len"]
         self.max_new_tokens: int = data_config["max_new_tokens"]
@@ -139,7 +140,7 @@ class ModelRunner:
     def init_model(self) -> None:
         """Build `model_class(config, runner_settings)` with weights, ready to generate."""
         config = self.load_hf_config(self.config_class)
-        self._verify_quantization(self._parse_quant_hf_config(config))
+        self.quantization = self._verify_quantization(self._parse_quant_hf_config(config))
         self._check_sequence_budget(config)
         if not self.with_ckpt:
             self.model = self._build_model(config, initialize_weights=True)
@@ -169,7 +170,7 @@ class ModelRunner:
 
     def _init_model_with_online_splited_weight(self, config: PreTrainedConfig) -> None:
         self.model = self._build_model(config, initialize_weights=False)
-        with SafetensorsCheckpoint(self.model_path) as checkpoint:
+        with self._open_checkpoint(self.model_path) as checkpoint:
             load_checkpoint_into(self.model, checkpoint)
 
     def _init_model_with_offline_splited_weight(self, config: PreTrainedConfig) -> None:
@@ -180,8 +181,14 @@ class ModelRunner:
                 f"which does not exist; set enable_online_split_weight: true to read {self.model_path} directly"
             )
         self.model = self._build_model(config, initialize_weights=False)
-        with SafetensorsCheckpoint(rank_path) as checkpoint:
+        with self._open_checkpoint(rank_path) as checkpoint:
             load_checkpoint_into(self.model, checkpoint, presplit=True)
+
+    @contextlib.contextmanager
+    def _open_checkpoint(self, folder: Path):
+        """The folder's safetensors, seen through the checkpoint's quantization method when it declares one."""
+        with SafetensorsCheckpoint(folder) as checkpoint:
+            yield checkpoint if self.quantization is None else QuantizedCheckpoint(checkpoint, self.quantization)
 
     def _build_model(self, config: PreTrainedConfig, initialize_weights: bool) -> torch.nn.Module:
         """This rank's model (parallel layers allocate only their shards); sizes that TP cannot split are an
@@ -212,10 +219,9 @@ class ModelRunner:
         self.cast_format()
 
     def scale_dtype_adapter(self) -> None:
-        """Quantisation scales stay in float32 whatever the compute dtype."""
-        for name, param in self.model.named_parameters():
-            if name.endswith("_scale") or name.endswith(".scale"):
-                param.data = param.data.float()
+        """Scales a quantization method keeps (packed weights) get the dtype its forward reads them in."""
+        if self.quantization is not None:
+            self.quantization.scale_dtype_adapter(self.model)
 
     def to_device(self) -> None:
         self.model.to(self.device)
@@ -230,21 +236,16 @@ class ModelRunner:
         self.prefill_forward = self.backend.compile(self.model.forward, self.exe_mode)
         self.decode_forward = self.backend.compile(self.model.forward, self.exe_mode)
 
-    def _parse_quant_hf_config(self, config: PreTrainedConfig) -> str | None:
-        quantization_config = getattr(config, "quantization_config", None)
-        if quantization_config is None:
-            return None
-        if isinstance(quantization_config, dict):
-            return quantization_config.get("quant_method", "unknown")
-        return getattr(quantization_config, "quant_method", "unknown")
+    def _parse_quant_hf_config(self, config: PreTrainedConfig) -> dict[str, Any] | None:
+        """The checkpoint's `quantization_config` (quant_method and the method's settings), or None."""
+        return declared_quantization(config)
 
-    def _verify_quantization(self, quant_method: str | None) -> None:
-        if quant_method is not None and quant_method not in SUPPORTED_QUANTIZATION:
-            supported = ", ".join(SUPPORTED_QUANTIZATION) or "none"
-            raise CheckpointError(
-                f"{self.model_path / 'config.json'} declares quantization '{quant_method}', which this runner does "
-                f"not support (supported: {supported}); convert the checkpoint to a dequantized safetensors one"
-            )
+    def _verify_quantization(self, quant_config: dict[str, Any] | None) -> QuantizationMethod | None:
+        """The registered method for the checkpoint's quantization, set up for `quant_weight_mode`; an
+        unsupported method fails here, before any weight is read, naming the supported ones."""
+        if quant_config is None or not self.with_ckpt:
+            return None
+        return quantization_method(quant_config, self.quant_weight_mode, self.model_path / "config.json")
 
     # ------------------------------------------------------------------ tokenizer
     def init_tokenizer(self) -> None:

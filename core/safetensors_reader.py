@@ -25,7 +25,8 @@ DIRECT_RUN_BYTES = 64 * 2**10
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
 }
 
 
@@ -172,9 +173,10 @@ class SafetensorsCheckpoint:
         return self.tensors[name]
 
     def dtype(self) -> torch.dtype:
-        """The dtype of the checkpoint's floating-point tensors (its first one)."""
+        """The dtype of the checkpoint's floating-point tensors (its first one wider than a byte: float8 weights
+        are quantized, their dequantized values are not float8)."""
         for name in self.names():
-            if self.tensors[name].dtype.is_floating_point:
+            if self.tensors[name].dtype.is_floating_point and self.tensors[name].dtype.itemsize > 1:
                 return self.tensors[name].dtype
         return torch.float32
 

@@ -16,6 +16,7 @@ EXE_MODES = ("eager", "inductor", "cuda_graph", "ge_graph", "acl_graph")
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "npu", "cuda", "cpu")
 TOKENIZER_MODES = ("default", "chat")
+QUANT_WEIGHT_MODES = ("dequantize", "packed")
 PLACEHOLDER_PREFIX = "/path/to/"
 
 
@@ -48,6 +49,8 @@ SCHEMA = Section(
                 "enable_profiler": Field(bool, default=False),
                 "enable_weight_nz": Field(bool, default=False),
                 "tokenizer_mode": Field(str, default="default", choices=TOKENIZER_MODES),
+                # A quantized checkpoint's weights: dequantized once at load, or kept packed (mxfp4 experts).
+                "quant_weight_mode": Field(str, default="dequantize", choices=QUANT_WEIGHT_MODES),
                 "device": Field(str, default="auto", choices=DEVICES),
                 "seed": Field(int, default=42, minimum=0),
                 "custom_params": Field(dict, default={}),

@@ -21,6 +21,8 @@ from core.distributed import simulated_rank
 from core.errors import SettingsError
 from core.layers import check_partitions
 from core.model_runner import ModelRunner, read_hf_config
+from core.quantization import QuantizedCheckpoint, declared_quantization, quantization_method
+from core.quantization.base import join_pieces
 from core.safetensors_reader import SafetensorsCheckpoint
 from core.settings import load_runner_settings, validate_runner_settings
 from core.weights import checkpoint_targets, load_checkpoint_into
@@ -45,6 +47,21 @@ def _rank_model(runner_class: type[ModelRunner], config, settings: dict[str, Any
     return model
 
 
+def _rank_shards(model: torch.nn.Module, checkpoint, advance) -> dict[str, torch.Tensor]:
+    """What a rank's file holds: its slices of the model's tensors and, of a quantized checkpoint's quantized
+    tensors, its slices as stored (fp8 values and their scale grid, mxfp4 blocks and scales)."""
+    if not isinstance(checkpoint, QuantizedCheckpoint):
+        loaded = set(load_checkpoint_into(model, checkpoint, on_tensor_loaded=advance))
+        return {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name in loaded}
+    with checkpoint.reading("collect") as pieces:
+        loaded = set(load_checkpoint_into(model, checkpoint, on_tensor_loaded=advance, keep_quantized=True))
+    shards = {name: tensor.contiguous() for name, tensor in model.state_dict().items() if name in loaded}
+    for logical, parts in pieces.items():
+        stored = checkpoint.get_slice(logical).parts
+        shards.update((stored[role].name, joined.contiguous()) for role, joined in join_pieces(parts).items())
+    return shards
+
+
 def split_checkpoint(runner_class: type[ModelRunner], runner_settings: dict[str, Any], out_dir: Path,
                      show_progress: bool = True) -> Path:
     """Write every rank's shards of `runner_settings['model_path']` under `out_dir`; return the settings YAML
@@ -54,8 +71,13 @@ def split_checkpoint(runner_class: type[ModelRunner], runner_settings: dict[str,
     source = Path(settings["model_path"])
     config = read_hf_config(source, runner_class.config_class)
     out_dir = Path(out_dir)
+    quant_config = declared_quantization(config)
     with SafetensorsCheckpoint(source) as checkpoint:
         dtype = checkpoint.dtype()
+        if quant_config is not None:
+            # The split keeps what the checkpoint stores: each rank's quantized slices, with their scales.
+            method = quantization_method(quant_config, "dequantize", source / "config.json")
+            checkpoint = QuantizedCheckpoint(checkpoint, method)
         # Rank 0's model shows any size TP cannot split, before a file is written or a bar drawn.
         model = _rank_model(runner_class, config, settings, 0)
         progress = tqdm(total=world_size * len(checkpoint_targets(model)), unit="tensor", disable=not show_progress,
@@ -73,9 +95,7 @@ def split_checkpoint(runner_class: type[ModelRunner], runner_settings: dict[str,
                 progress.set_description(f"splitting rank {rank}/{world_size}")
                 model = model if rank == 0 else _rank_model(runner_class, config, settings, rank)
                 model.to(dtype)
-                loaded = set(load_checkpoint_into(model, checkpoint, on_tensor_loaded=advance))
-                shards = {name: tensor.contiguous() for name, tensor in model.state_dict().items()
-                          if name in loaded}
+                shards = _rank_shards(model, checkpoint, advance)
                 rank_dir = out_dir / f"rank_{rank}"
                 _copy_side_files(source, rank_dir)
                 save_file(shards, str(rank_dir / "model.safetensors"), metadata={"format": "pt"})

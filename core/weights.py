@@ -1,7 +1,9 @@
 """Fill a model's parameters and persistent buffers from a checkpoint, tensor by tensor.
 
 A parameter may carry its own `weight_loader(param, checkpoint_slice)` (the vLLM / nano-vllm pattern) to read
-only the part it owns; every other parameter is copied whole with its shape checked.
+only the part it owns; every other parameter is copied whole with its shape checked. A quantized checkpoint
+(`core.quantization.QuantizedCheckpoint`) is read through the same loaders: its tensors dequantize as they are
+sliced, and before any weight is read every rank's slices are checked to keep whole quantization blocks.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from typing import Callable
 
 import torch
 
-from core.checkpoint_mapping import ModelNamedCheckpoint, conversion_transforms
-from core.errors import CheckpointError
+from core.checkpoint_mapping import ConcatenatedSlice, ModelNamedCheckpoint, conversion_transforms
+from core.errors import CheckpointError, SettingsError
+from core.quantization import BlockSplitError, PackedWeight, QuantizedCheckpoint
 from core.safetensors_reader import SafetensorsCheckpoint
 
 logger = logging.getLogger(__name__)
@@ -28,7 +31,7 @@ def default_weight_loader(param: torch.Tensor, checkpoint_slice, name: str) -> N
     param.data.copy_(checkpoint_slice[:])
 
 
-def _sources(name: str, target: torch.Tensor, presplit: bool, checkpoint: ModelNamedCheckpoint) -> list[str]:
+def _sources(name: str, target, presplit: bool, checkpoint: ModelNamedCheckpoint) -> list[str]:
     """The checkpoint tensors a parameter is read from: its own name, or — for a layer merged from sibling layers
     (q|k|v stored as q_proj, k_proj, v_proj) — each sibling's, unless an offline split already saved it merged."""
     merged_from = getattr(target, "merged_from", None)
@@ -38,19 +41,81 @@ def _sources(name: str, target: torch.Tensor, presplit: bool, checkpoint: ModelN
     return [f"{parent}.{sibling}" for sibling in merged_from]
 
 
-def checkpoint_targets(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint fills: every parameter (a tied one once) and every persistent buffer, by name."""
+def checkpoint_targets(model: torch.nn.Module) -> dict[str, torch.Tensor | PackedWeight]:
+    """What a checkpoint fills: every parameter (a tied one once), every persistent buffer and every packed
+    (kept quantized) weight, by name."""
     persistent = model.state_dict(keep_vars=True)
-    targets = dict(model.named_parameters())
+    targets: dict[str, torch.Tensor | PackedWeight] = dict(model.named_parameters())
     targets.update((name, buffer) for name, buffer in model.named_buffers() if name in persistent)
+    targets.update((name, module) for name, module in model.named_modules() if isinstance(module, PackedWeight))
     return targets
+
+
+def _held_bytes(target: torch.Tensor | PackedWeight) -> int:
+    if isinstance(target, PackedWeight):
+        return target.packed_bytes()
+    return target.numel() * target.element_size()
+
+
+def _fill(target: torch.Tensor, name: str, sources: list[str], checkpoint: ModelNamedCheckpoint,
+          presplit: bool) -> None:
+    """Read `target` from its sources: through its own weight_loader (this rank's part), or whole from an
+    offline split (merged siblings were saved one after the other along the rows)."""
+    loader = getattr(target, "weight_loader", None)
+    if presplit and sources != [name]:
+        default_weight_loader(target, ConcatenatedSlice([checkpoint.get_slice(s) for s in sources], 0), name)
+    elif loader is None or presplit:
+        default_weight_loader(target, checkpoint.get_slice(name), name)
+    elif sources == [name]:
+        loader(target, checkpoint.get_slice(name))
+    else:
+        for shard_id, source in enumerate(sources):
+            loader(target, checkpoint.get_slice(source), shard_id)
+
+
+def _shape_only(target: torch.Tensor | PackedWeight) -> torch.Tensor:
+    """A stand-in for `target` that loaders can fill without memory: its shape on the meta device."""
+    if isinstance(target, PackedWeight):
+        return torch.empty(target.local_shape, device="meta")
+    meta = torch.empty_like(target, device="meta")
+    for attribute in ("weight_loader", "merged_from"):
+        if hasattr(target, attribute):
+            setattr(meta, attribute, getattr(target, attribute))
+    return meta
+
+
+def _tp_degree(model: torch.nn.Module, name: str, target) -> str:
+    group = getattr(target, "tp_group", None)
+    if group is None and "." in name:
+        group = getattr(model.get_submodule(name.rsplit(".", 1)[0]), "tp_group", None)
+    return f"{group.name}_size {group.size}" if group is not None else "its tensor-parallel size"
+
+
+def check_quantized_splits(model: torch.nn.Module, checkpoint: ModelNamedCheckpoint, quantized: QuantizedCheckpoint,
+                           targets: dict, sources: dict[str, list[str]], names: set[str]) -> None:
+    """Every rank's slice of a quantized tensor must keep whole blocks: checked from shapes alone, before any
+    weight is read, so that a TP degree the blocks cannot follow fails naming the layer."""
+    with quantized.reading("probe"):
+        for name in sorted(names):
+            target = targets[name]
+            stand_in = _shape_only(target)
+            if isinstance(target, PackedWeight):
+                stand_in.weight_loader = target.replaced_loader
+            try:
+                _fill(stand_in, name, sources[name], checkpoint, presplit=False)
+            except BlockSplitError as error:
+                raise SettingsError(
+                    f"layer '{name}': {error} at {_tp_degree(model, name, target)}; choose a parallel size that "
+                    f"gives every rank whole blocks"
+                ) from None
 
 
 def load_checkpoint_into(
     model: torch.nn.Module,
-    checkpoint: SafetensorsCheckpoint,
+    checkpoint: SafetensorsCheckpoint | QuantizedCheckpoint,
     presplit: bool = False,
     on_tensor_loaded: Callable[[str, int], None] | None = None,
+    keep_quantized: bool = False,
 ) -> list[str]:
     """Fill every parameter and persistent buffer of `model` from `checkpoint`; a missing tensor is an error.
     Returns the names (the model's) of what it filled.
@@ -58,28 +123,41 @@ def load_checkpoint_into(
     presplit: the checkpoint already holds this rank's shards (an offline split), so every tensor is copied
     whole instead of through the parameter's own slicing `weight_loader`.
     on_tensor_loaded(name, bytes held by this rank) is called after each tensor (progress display).
+    keep_quantized: leave the targets a quantized checkpoint stores quantized unfilled, only running their
+    loaders so that the stored pieces this rank owns are read (an offline split collects them under
+    `checkpoint.reading("collect")`).
     """
-    checkpoint = ModelNamedCheckpoint(checkpoint, conversion_transforms(model))
+    named = ModelNamedCheckpoint(checkpoint, conversion_transforms(model))
+    if isinstance(checkpoint, QuantizedCheckpoint):
+        checkpoint.method.pack(model, named)
     targets = checkpoint_targets(model)
-    sources = {name: _sources(name, target, presplit, checkpoint) for name, target in targets.items()}
-    missing = [source for names in sources.values() for source in names if source not in checkpoint]
+    sources = {name: _sources(name, target, presplit, named) for name, target in targets.items()}
+    missing = [source for names in sources.values() for source in names if source not in named]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint {checkpoint.folder} lacks tensors the model needs: {shown}")
+    quantized = set()
+    if isinstance(checkpoint, QuantizedCheckpoint):
+        quantized = {name for name in targets
+                     if any(checkpoint.is_quantized(stored) for source in sources[name]
+                            for stored in named.sources(source))}
+        if not presplit:
+            check_quantized_splits(model, named, checkpoint, targets, sources, quantized)
+    filled = []
     with torch.no_grad():
         for name, target in targets.items():
-            loader = None if presplit and sources[name] == [name] else getattr(target, "weight_loader", None)
-            if loader is None:
-                default_weight_loader(target, checkpoint.get_slice(name), name)
-            elif sources[name] == [name]:
-                loader(target, checkpoint.get_slice(name))
+            if isinstance(target, PackedWeight):
+                target.load(named.get_slice(name), presplit)
+            elif keep_quantized and name in quantized:
+                _fill(_shape_only(target), name, sources[name], named, presplit)
             else:
-                for shard_id, source in enumerate(sources[name]):
-                    loader(target, checkpoint.get_slice(source), shard_id)
+                _fill(target, name, sources[name], named, presplit)
+            if not (keep_quantized and name in quantized):
+                filled.append(name)
             if on_tensor_loaded is not None:
-                on_tensor_loaded(name, target.numel() * target.element_size())
-    used = {stored for names in sources.values() for source in names for stored in checkpoint.sources(source)}
-    unused = sorted(set(checkpoint.names()) - used)
+                on_tensor_loaded(name, _held_bytes(target))
+    used = {stored for names in sources.values() for source in names for stored in named.sources(source)}
+    unused = sorted(set(named.names()) - used)
     if unused:
         logger.warning("%d checkpoint tensors are not used by the model, e.g. %s", len(unused), unused[0])
-    return list(targets)
+    return filled

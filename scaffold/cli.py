@@ -9,6 +9,7 @@ from pathlib import Path
 
 from core.cli import exit_on_user_error
 from scaffold.pipeline import generate
+from scaffold.quantized_formats import QUANTIZATIONS
 
 
 def _scaffold_parser() -> argparse.ArgumentParser:
@@ -17,7 +18,8 @@ def _scaffold_parser() -> argparse.ArgumentParser:
         description="Write a runner_settings-aware port of a Hugging Face causal LM onto the core ModelRunner.",
         epilog="Also: `recipes-scaffold split-weights --config YAML --out DIR` (per-rank shards for offline split) "
         "`recipes-scaffold import-gguf FILE --out DIR` (a GGUF checkpoint as HF safetensors) "
-        "and `recipes-scaffold tiny-checkpoint MODEL_TYPE --out DIR` (a tiny random checkpoint to try a port).",
+        "and `recipes-scaffold tiny-checkpoint MODEL_TYPE --out DIR [--quant mxfp4|fp8]` (a tiny random checkpoint "
+        "to try a port).",
     )
     parser.add_argument("model", help="model name as in transformers/models/, e.g. gpt_oss")
     parser.add_argument("--from", dest="source", default="transformers",
@@ -39,6 +41,9 @@ def _tiny_checkpoint_parser() -> argparse.ArgumentParser:
     parser.add_argument("model_type", help="config model_type, e.g. gpt_oss")
     parser.add_argument("--out", type=Path, required=True, help="folder to save the checkpoint into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quant", choices=QUANTIZATIONS,
+                        help="store the weights as a Hub checkpoint of this format does (mxfp4: gpt-oss experts; "
+                             "fp8: block-wise, every linear but the LM head)")
     return parser
 
 
@@ -59,10 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         return sweep_main(argv[1:])
     if argv and argv[0] == "tiny-checkpoint":
         args = _tiny_checkpoint_parser().parse_args(argv[1:])
-        from scaffold.verify import build_tiny_checkpoint
+        from scaffold.tiny import build_tiny_checkpoint
+        from scaffold.tiny_quantized import build_tiny_quantized_checkpoint
 
-        path = build_tiny_checkpoint(args.model_type, args.out, seed=args.seed)
-        print(f"tiny {args.model_type} checkpoint written to {path}")
+        if args.quant:
+            path = build_tiny_quantized_checkpoint(args.model_type, args.out, args.quant, seed=args.seed)
+        else:
+            path = build_tiny_checkpoint(args.model_type, args.out, seed=args.seed)
+        stored = f" ({args.quant})" if args.quant else ""
+        print(f"tiny {args.model_type} checkpoint{stored} written to {path}")
         return 0
     args = _scaffold_parser().parse_args(argv)
     started = time.perf_counter()

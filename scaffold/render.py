@@ -12,6 +12,7 @@ from scaffold.forward_inputs import IMPORTS as PREPARE_INPUTS_IMPORTS
 from scaffold.forward_inputs import forward_inputs
 from scaffold.inspect import ModelSpec
 from scaffold.plan import TensorParallelPlan, plan_tensor_parallel
+from scaffold.quantized_formats import HUB_QUANTIZATIONS
 from scaffold.transform import port_modeling_module
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -46,6 +47,7 @@ def port_files(spec: ModelSpec) -> dict[str, str]:
         "weights_by_module": _weights_by_module(spec, plan),
         "replicated_by_default": plan.replicated_by_default,
         "has_grouped_kv_heads": spec.has_grouped_kv_heads,
+        "quantizations": list(HUB_QUANTIZATIONS.get(spec.model_type, ())),
     }
     files = {
         SHARED_PACKAGE_INIT: '"""Ports written by recipes-scaffold, one package per model."""\n',

@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from core.model_runner import ModelRunner
+from core.quantization import PackedWeight
 from core.split import split_checkpoint
 from scaffold.tiny import build_tiny_checkpoint
 
@@ -65,6 +66,9 @@ class VerifyReport:
     parameter_bytes_per_rank: int = 0
     exe_mode: str = "eager"
     recompiles_after_warmup: int = 0
+    # Weights kept quantized (quant_weight_mode: packed): their bytes, and what they would take in bf16.
+    packed_bytes_per_rank: int = 0
+    packed_bf16_bytes_per_rank: int = 0
 
     @property
     def near_ties(self) -> list[Mismatch]:
@@ -138,12 +142,14 @@ def verify_port(
     tolerance: float = 1e-4,
     settings_overrides: dict[str, Any] | None = None,
     exe_mode: str = "eager",
+    reference_checkpoint: str | Path | None = None,
 ) -> VerifyReport:
     """In a graph mode the teacher-forced run compiles every graph; the free run then warms up once more and
-    must recompile nothing."""
+    must recompile nothing. reference_checkpoint: the folder HF eager runs on, where it cannot load
+    `checkpoint` itself right (FP8 with partial edge blocks: the same weights dequantized by the format's math)."""
     checkpoint = Path(checkpoint)
     prompts = list(prompts)
-    hf_tokens, hf_logits = hf_reference(checkpoint, prompts, max_new_tokens)
+    hf_tokens, hf_logits = hf_reference(Path(reference_checkpoint or checkpoint), prompts, max_new_tokens)
 
     overrides = {"exe_mode": exe_mode, **(settings_overrides or {})}
     runner = runner_class(_verification_settings(runner_class, checkpoint, len(prompts), max_new_tokens, overrides))
@@ -164,18 +170,26 @@ def verify_port(
             step = int(differing[0])
             mismatches.append(Mismatch(row, step, int(hf_tokens[row, step]), int(port_tokens[row, step]),
                                        float(gaps[row, step])))
+    packed = [module for module in runner.model.modules() if isinstance(module, PackedWeight)]
     parameter_bytes = sum(param.numel() * param.element_size() for param in runner.model.parameters())
     return VerifyReport(len(prompts), max_new_tokens, tolerance, max_abs_diff, mismatches, runner.world_size,
-                        parameter_bytes, exe_mode, free.timing["recompiles_after_warmup"])
+                        parameter_bytes + sum(module.packed_bytes() for module in packed), exe_mode,
+                        free.timing["recompiles_after_warmup"],
+                        packed_bytes_per_rank=sum(module.packed_bytes() for module in packed),
+                        packed_bf16_bytes_per_rank=sum(2 * module.dequantized_numel() for module in packed))
 
 
 @dataclass(frozen=True)
 class DistributedCase:
     """One verification inside a shared torchrun launch: a checkpoint, read online from the original or, with
-    `offline_split_dir`, split there first and read by each rank from its rank_{i} folder."""
+    `offline_split_dir`, split there first and read by each rank from its rank_{i} folder.
+    settings: runner_settings overrides (e.g. {"model_config": {"quant_weight_mode": "packed"}});
+    reference_checkpoint: as in `verify_port`."""
 
     checkpoint: Path
     offline_split_dir: Path | None = None
+    settings: dict[str, Any] | None = None
+    reference_checkpoint: Path | None = None
 
 
 def verify_port_distributed(
@@ -223,14 +237,17 @@ def _launched_case(runner_path: str, case: DistributedCase, world_size: int) -> 
     overrides: dict[str, Any] = {
         "world_size": world_size,
         "parallel_config": {f"{group}_size": world_size for group in ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")},
+        "model_config": dict((case.settings or {}).get("model_config", {})),
     }
+    overrides.update((key, value) for key, value in (case.settings or {}).items() if key != "model_config")
     if case.offline_split_dir is not None:
         runner_class = _import_runner(runner_path)
         base = _verification_settings(runner_class, case.checkpoint, len(DEFAULT_PROMPTS), 24, overrides)
         split_checkpoint(runner_class, base, case.offline_split_dir, show_progress=False)
         overrides["model_path"] = str(case.offline_split_dir)
-        overrides["model_config"] = {"enable_online_split_weight": False}
-    return {"checkpoint": str(case.checkpoint), "overrides": overrides}
+        overrides["model_config"]["enable_online_split_weight"] = False
+    reference = str(case.reference_checkpoint) if case.reference_checkpoint else None
+    return {"checkpoint": str(case.checkpoint), "overrides": overrides, "reference_checkpoint": reference}
 
 
 def _import_runner(runner_path: str) -> type[ModelRunner]:
@@ -248,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     runner_class = _import_runner(args.runner)
     reports = {}
     for name, case in json.loads(args.cases.read_text()).items():
-        reports[name] = verify_port(runner_class, case["checkpoint"], settings_overrides=case["overrides"])
+        reports[name] = verify_port(runner_class, case["checkpoint"], settings_overrides=case["overrides"],
+                                    reference_checkpoint=case.get("reference_checkpoint"))
     if int(os.environ.get("RANK", 0)) == 0:
         for name, report in reports.items():
             print(f"{name}: {report.summary()}")

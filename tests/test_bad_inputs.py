@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from core.split import main as split_main
 from generated_models.gpt_oss.infer import main as infer_main
 from scaffold.cli import main as scaffold_main
+from scaffold.tiny_quantized import build_tiny_quantized_checkpoint
 
 TP3 = {f"{group}_size": 3 for group in ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")}
 TP2 = {f"{group}_size": 2 for group in ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")}
@@ -87,6 +88,28 @@ def split_with(config_fields, sizes):
     return build
 
 
+def quantized(quantization, change=lambda folder: None, **setting_changes):
+    """An infer run on a tiny gpt_oss checkpoint stored as `quantization`, damaged by `change(folder)`."""
+    def build(tmp, ckpt):
+        folder = build_tiny_quantized_checkpoint("gpt_oss", tmp / "checkpoint", quantization)
+        change(folder)
+        return infer_with(settings(folder, **setting_changes))(tmp, ckpt)
+    return build
+
+
+def split_quantized(quantization, sizes):
+    def build(tmp, ckpt):
+        folder = build_tiny_quantized_checkpoint("gpt_oss", tmp / "checkpoint", quantization)
+        world = next(iter(sizes.values()))
+        path = yaml_file(tmp, settings(folder, world_size=world, parallel_config=sizes))
+        return ["--config", path, "--out", str(tmp / "out")]
+    return build
+
+
+SCALES = "model.layers.0.mlp.experts.gate_up_proj_scales"
+GRID = "model.layers.0.self_attn.q_proj.weight_scale_inv"
+TP4 = {f"{group}_size": 4 for group in ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")}
+
 CASES = [
     # runner_settings YAML
     Case("yaml syntax error", "infer", infer_with("model_name: gpt_oss\nmodel_path: [oops\n"),
@@ -157,9 +180,24 @@ CASES = [
          "'model.norm.weight' has shape [32]", "expects [64]"),
     Case("architecture mismatch", "infer", damaged(edit_config(model_type="llama")),
          "describes a 'llama' model but this port is for 'gpt_oss'"),
+    # Refused from config.json alone: the weights file here is not even readable.
     Case("unsupported quantization", "infer",
-         damaged(edit_config(quantization_config={"quant_method": "mxfp4"})),
-         "quantization 'mxfp4'", "dequantized"),
+         damaged(lambda f: edit_config(quantization_config={"quant_method": "awq", "bits": 4})(f)
+                 or (f / "model.safetensors").write_bytes(b"\x00" * 7)),
+         "quantization 'awq'", "supported: fp8, mxfp4"),
+    Case("truncated mxfp4 scales", "infer",
+         quantized("mxfp4", edit_weights(lambda w: w.update({SCALES: w[SCALES][:, :-1].contiguous()}))),
+         f"mxfp4 scales '{SCALES}' have shape [4, 127, 2]", "need [4, 128, 2]"),
+    Case("fp8 scale grid does not fit its weight", "infer",
+         quantized("fp8", edit_weights(lambda w: w.update({GRID: w[GRID][:, :1].contiguous()}))),
+         f"scale tensor '{GRID}' has shape [4, 1]", "[16, 16] blocks needs [4, 4]"),
+    Case("fp8 weight without its scale", "infer", quantized("fp8", edit_weights(lambda w: w.pop(GRID))),
+         "fp8 tensor 'model.layers.0.self_attn.q_proj.weight' has no scale"),
+    Case("packed mode on fp8", "infer", quantized("fp8", model_config={"dtype": "float32",
+                                                                       "quant_weight_mode": "packed"}),
+         "quant_weight_mode 'packed' is not available for fp8 checkpoints", "choose dequantize"),
+    Case("tp split cuts an mxfp4 block", "split", split_quantized("mxfp4", TP4),
+         "layer 'model.layers.0.mlp.experts.down_proj'", "32-wide quantization blocks", "moe_tp_size 4"),
     Case("invalid config.json", "infer", damaged(lambda f: (f / "config.json").write_text("{not json")),
          "config.json is not valid JSON"),
     # scaffold

@@ -94,12 +94,12 @@ def test_truncated_checkpoint_is_reported(checkpoint_copy):
         generate(checkpoint_copy)
 
 
-def test_quantized_checkpoint_rejected(checkpoint_copy):
+def test_unsupported_quantization_rejected(checkpoint_copy):
     config_path = checkpoint_copy / "config.json"
     config = json.loads(config_path.read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4"}
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
     config_path.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="quantization 'mxfp4'"):
+    with pytest.raises(CheckpointError, match=r"quantization 'awq'.*supported: fp8, mxfp4"):
         generate(checkpoint_copy)
 
 

@@ -45,5 +45,6 @@ def sharded_parameter(full_shape: tuple[int, ...], group: str, dim: int | None =
             param.data.copy_(torch.cat(pieces, dim=dim) if segments > 1 else pieces[0])
 
     param.weight_loader = weight_loader
+    param.tp_group = tp
     param.partition_problem = segment.problem if segment else None
     return param

@@ -51,7 +51,11 @@ class Mxfp4Slice(QuantizedSlice):
         return {"blocks": (part_dim, start, stop), "scales": (part_dim, start, stop)}
 
     def dequantize(self, pieces: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_mxfp4(pieces["blocks"], pieces["scales"]).transpose(-1, -2).to(dtype)
+        # Expert by expert: the 4-bit codes' index tensor is 16x the blocks' bytes, too much for a whole
+        # gpt-oss-120b tensor at once.
+        experts = [dequantize_mxfp4(blocks, scales).transpose(-1, -2).to(dtype)
+                   for blocks, scales in zip(pieces["blocks"], pieces["scales"])]
+        return torch.stack(experts)
 
 
 class PackedMxfp4(PackedWeight):

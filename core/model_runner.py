@@ -28,6 +28,7 @@ from core.kv_cache import StaticKVCache
 from core.layers import check_partitions
 from core.quantization import QuantizationMethod, QuantizedCheckpoint, declared_quantization, quantization_method
 from core.safetensors_reader import SafetensorsCheckpoint
+from core.sampling import Sampler, SamplingParams, resolve_sampling
 from core.settings import is_placeholder_path, validate_runner_settings
 from core.timing import GenerationTiming, StepTimer
 from core.weights import load_checkpoint_into
@@ -35,12 +36,10 @@ from core.weights import load_checkpoint_into
 logger = logging.getLogger(__name__)
 
 
-def _strip_after_eos(row: list[int], eos_ids: set[int]) -> list[int]:
-    """A row up to and including its first end-of-sequence token."""
-    for index, token in enumerate(row):
-        if token in eos_ids:
-            return row[: index + 1]
-    return row
+def seen_tokens(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[batch, vocab] true where a row's prompt (its real tokens, not the padding) holds the token."""
+    counts = torch.zeros(prompt_ids.shape[0], vocab_size, dtype=torch.long, device=prompt_ids.device)
+    return counts.scatter_add_(1, prompt_ids, prompt_mask.long()) > 0
 
 
 def compiled_frames() -> int:
@@ -48,9 +47,13 @@ def compiled_frames() -> int:
     return torch._dynamo.utils.counters["frames"]["ok"]
 
 
+# A prompt: a text, or a chat as a list of {"role": ..., "content": ...} messages.
+Prompt = str | list[dict[str, str]]
+
+
 @dataclass
 class GenerationResult:
-    prompts: list[str]
+    prompts: list[Prompt]
     outputs: list[str]
     output_token_ids: list[list[int]]
     timing: dict[str, float]
@@ -103,6 +106,7 @@ class ModelRunner:
         self.tokenizer_mode: str = model_config["tokenizer_mode"]
         self.quant_weight_mode: str = model_config["quant_weight_mode"]
         self.quantization: QuantizationMethod | None = None
+        self.sampling = SamplingParams()
         data_config = settings["data_config"]
         self.input_max_len: int = data_config["input_max_len"]
         self.max_new_tokens: int = data_config["max_new_tokens"]
@@ -140,6 +144,7 @@ class ModelRunner:
     def init_model(self) -> None:
         """Build `model_class(config, runner_settings)` with weights, ready to generate."""
         config = self.load_hf_config(self.config_class)
+        self.sampling = resolve_sampling(self.runner_settings["sampling_config"], self.model_path)
         self.quantization = self._verify_quantization(self._parse_quant_hf_config(config))
         self._check_sequence_budget(config)
         if not self.with_ckpt:
@@ -253,19 +258,21 @@ class ModelRunner:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
-    def tokenize_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Left-padded token ids and attention mask; prompts longer than input_max_len are truncated."""
-        if self.tokenizer_mode == "chat":
-            texts = [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-                )
-                for prompt in prompts
-            ]
-            add_special_tokens = False
-        else:
-            texts, add_special_tokens = list(prompts), True
-        token_ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    def tokenize_prompts(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
+        """Left-padded token ids and attention mask; prompts longer than input_max_len are truncated.
+
+        A prompt is a text or a chat (a list of {"role", "content"} messages); a chat, and a text under
+        tokenizer_mode chat (as the user's message), go through the tokenizer's chat template."""
+        chats = [prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+                 for prompt in prompts if isinstance(prompt, list) or self.tokenizer_mode == "chat"]
+        chat_ids = iter(self.tokenizer(
+            [self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats],
+            add_special_tokens=False,
+        )["input_ids"] if chats else [])
+        texts = [prompt for prompt in prompts if not (isinstance(prompt, list) or self.tokenizer_mode == "chat")]
+        text_ids = iter(self.tokenizer(texts)["input_ids"] if texts else [])
+        token_ids = [next(chat_ids) if isinstance(prompt, list) or self.tokenizer_mode == "chat" else next(text_ids)
+                     for prompt in prompts]
         for index, ids in enumerate(token_ids):
             if len(ids) > self.input_max_len:
                 logger.warning(
@@ -298,7 +305,7 @@ class ModelRunner:
             )
         return self._kv_caches[batch_size]
 
-    def prompt_input_dict(self, prompts: list[str]) -> dict[str, Any]:
+    def prompt_input_dict(self, prompts: list[Prompt]) -> dict[str, Any]:
         """The first step's inputs: left-padded prompt tokens, the cache-slot attention mask, each row's
         positions (counting only its real tokens), the slots to write, and the static KV cache."""
         batch = self.tokenize_prompts(prompts)
@@ -320,7 +327,7 @@ class ModelRunner:
             "kv_cache": cache,
         }
 
-    def model_generate(self, prompts: list[str], **options) -> GenerationResult:
+    def model_generate(self, prompts: list[Prompt], **options) -> GenerationResult:
         raise NotImplementedError(f"{type(self).__name__} must implement model_generate")
 
     def model_input_prepare(self, input_dict: dict[str, Any]) -> dict[str, Any]:
@@ -363,20 +370,25 @@ class ModelRunner:
 
     def run_decode_loop(
         self,
-        prompts: list[str],
-        build_input_dict: Callable[[list[str]], dict[str, Any]],
+        prompts: list[Prompt],
+        build_input_dict: Callable[[list[Prompt]], dict[str, Any]],
         max_new_tokens: int | None = None,
         teacher_tokens: torch.Tensor | None = None,
         ignore_eos: bool = False,
         keep_logits: bool = False,
         warm_up: bool = False,
+        sampling: SamplingParams | dict[str, Any] | None = None,
+        stream: Callable[[list[list[int]], list[bool]], None] | None = None,
     ) -> GenerationResult:
-        """Greedy generation for `prompts`, starting from `build_input_dict(prompts)`.
+        """Generate for `prompts`, starting from `build_input_dict(prompts)`.
 
+        sampling: the runner's `sampling_config` (resolved at init_model), or SamplingParams, or a dict of
+        changes to it ({"temperature": 0.7, "seed": 1}); greedy unless do_sample with temperature > 0.
         warm_up: generate once first (compiling every graph the run needs), then measure a second run, which
         must compile nothing: `timing["recompiles_after_warmup"]` counts what it did compile.
-        teacher_tokens ([batch, steps]) feeds given tokens instead of the argmax (teacher forcing, for
+        teacher_tokens ([batch, steps]) feeds given tokens instead of choosing them (teacher forcing, for
         verification); keep_logits keeps each step's last-position logits on the CPU in float32.
+        stream(rows, finished) is called after every step of the measured run with each row's tokens so far.
         """
         max_new_tokens = max_new_tokens or self.max_new_tokens
         if max_new_tokens > self.max_new_tokens:
@@ -384,30 +396,39 @@ class ModelRunner:
                 f"{max_new_tokens} new tokens asked for, but the KV cache is sized for data_config.max_new_tokens "
                 f"{self.max_new_tokens}"
             )
+        params = sampling if isinstance(sampling, SamplingParams) else self.sampling.replace(**(sampling or {}))
         compile_seconds = 0.0
         if warm_up:
             started = time.perf_counter()
-            self._decode(build_input_dict(prompts), max_new_tokens, teacher_tokens, ignore_eos, False, False)
+            self._decode(build_input_dict(prompts), max_new_tokens, teacher_tokens, ignore_eos, params)
             compile_seconds = time.perf_counter() - started
         frames_before = compiled_frames()
-        token_rows, step_logits, timing = self._decode(
-            build_input_dict(prompts), max_new_tokens, teacher_tokens, ignore_eos, keep_logits, self.enable_profiler
+        token_rows, lengths, step_logits, timing = self._decode(
+            build_input_dict(prompts), max_new_tokens, teacher_tokens, ignore_eos, params, keep_logits,
+            self.enable_profiler, stream,
         )
         summary = {**timing.summary(), "compile_s": round(compile_seconds, 3),
                    "recompiles_after_warmup": compiled_frames() - frames_before}
-        eos_ids = set(self._eos_token_ids())
-        output_token_ids = [row if ignore_eos else _strip_after_eos(row, eos_ids) for row in token_rows]
+        output_token_ids = [row[:length] for row, length in zip(token_rows, lengths)]
         outputs = self.tokenizer.batch_decode(output_token_ids, skip_special_tokens=True)
         logger.info("%s | compile (warm-up) %.2f s | recompiles after warm-up: %d", timing.report(),
                     compile_seconds, summary["recompiles_after_warmup"])
         return GenerationResult(prompts, outputs, output_token_ids, summary, step_logits)
 
     def _decode(self, input_dict: dict[str, Any], max_new_tokens: int, teacher_tokens: torch.Tensor | None,
-                ignore_eos: bool, keep_logits: bool, profile: bool):
+                ignore_eos: bool, sampling: SamplingParams, keep_logits: bool = False, profile: bool = False,
+                stream: Callable[[list[list[int]], list[bool]], None] | None = None):
+        """Returns each row's tokens, how many of them are its output (up to and including what stopped it),
+        the kept logits and the timing."""
         batch_size = input_dict["input_ids"].shape[0]
-        eos_ids = torch.tensor(self._eos_token_ids(), device=self.device)
+        sampler = Sampler(sampling, self.device, self.runner_settings["model_config"]["seed"])
+        stop_ids = torch.tensor(self._eos_token_ids() + list(sampling.eos_token_id), device=self.device)
+        prompt_ids = input_dict["input_ids"]
+        prompt_mask = input_dict["attention_mask"][:, : prompt_ids.shape[1]]
+        seen = None
         pad_id = self.tokenizer.pad_token_id
         finished = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
+        lengths = [max_new_tokens] * batch_size
         generated: list[torch.Tensor] = []
         step_logits: list[torch.Tensor] = []
         timing = GenerationTiming(batch_size=batch_size)
@@ -418,7 +439,9 @@ class ModelRunner:
                         torch.profiler.record_function("prefill" if step == 0 else "decode"):
                     model_inputs = self.model_input_prepare(input_dict)
                     logits = self.model_inference(model_inputs)
-                    next_tokens = logits.argmax(dim=-1) if teacher_tokens is None else teacher_tokens[:, step]
+                    if sampling.repetition_penalty != 1.0 and seen is None:
+                        seen = seen_tokens(prompt_ids, prompt_mask, logits.shape[-1])
+                    next_tokens = sampler(logits, seen) if teacher_tokens is None else teacher_tokens[:, step]
                     next_tokens = torch.where(finished, pad_id, next_tokens)
                     self.model_output_process(model_inputs, next_tokens, input_dict)
                 if step == 0:
@@ -428,10 +451,26 @@ class ModelRunner:
                 if keep_logits:
                     step_logits.append(logits.float().cpu())
                 generated.append(next_tokens)
+                if seen is not None:
+                    seen.scatter_(1, next_tokens[:, None], True)
                 if not ignore_eos:
-                    finished |= torch.isin(next_tokens, eos_ids)
+                    stopped = torch.isin(next_tokens, stop_ids) & ~finished
+                    if sampling.stop_strings:
+                        stopped |= self._ends_in_stop_string(generated, sampling.stop_strings) & ~finished
+                    for row in stopped.nonzero().flatten().tolist():
+                        lengths[row] = step + 1
+                    finished |= stopped
                 step += 1
-        return torch.stack(generated, dim=1).tolist(), step_logits, timing
+                if stream is not None:
+                    stream(torch.stack(generated, dim=1).tolist(), finished.tolist())
+        lengths = [min(length, step) for length in lengths]
+        return torch.stack(generated, dim=1).tolist(), lengths, step_logits, timing
+
+    def _ends_in_stop_string(self, generated: list[torch.Tensor], stop_strings: tuple[str, ...]) -> torch.Tensor:
+        """Rows whose newest tokens' text holds a stop string (transformers' stop_strings: the text is kept)."""
+        window = max(len(text) for text in stop_strings) + 1
+        tails = self.tokenizer.batch_decode(torch.stack(generated[-window:], dim=1).tolist(), skip_special_tokens=True)
+        return torch.tensor([any(text in tail for text in stop_strings) for tail in tails], device=self.device)
 
     def _eos_token_ids(self) -> list[int]:
         eos = self.model.config.eos_token_id

@@ -28,6 +28,7 @@ class Field:
     choices: tuple = ()
     minimum: int | None = None
     nullable: bool = False
+    item_kind: type | None = None  # for a list: the type of each item
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,21 @@ SCHEMA = Section(
                 "max_position_embeddings": Field(int, default=None, minimum=1, nullable=True),
             }
         ),
+        # Decoding: transformers' GenerationConfig names; null takes the checkpoint's generation_config.json
+        # (else transformers' default), as `generate()` does. core/sampling.py checks the ranges.
+        "sampling_config": Section(
+            {
+                "do_sample": Field(bool, default=None, nullable=True),
+                "temperature": Field(float, default=None, nullable=True),
+                "top_k": Field(int, default=None, nullable=True),
+                "top_p": Field(float, default=None, nullable=True),
+                "min_p": Field(float, default=None, nullable=True),
+                "repetition_penalty": Field(float, default=None, nullable=True),
+                "seed": Field(int, default=None, nullable=True, minimum=0),
+                "stop_strings": Field(list, default=[], item_kind=str),
+                "eos_token_id": Field(list, default=[], item_kind=int),
+            }
+        ),
         "parallel_config": Section(
             {
                 "attn_tp_size": Field(int, default=1, minimum=1),
@@ -76,7 +92,8 @@ SCHEMA = Section(
     }
 )
 
-TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "a mapping"}
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping",
+              list: "a list"}
 
 
 def load_runner_settings(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -139,11 +156,18 @@ def _validate_section(section: Section, raw: Any, prefix: str, source: str) -> d
 def _validate_value(spec: Field, value: Any, name: str, source: str) -> Any:
     if value is None and spec.nullable:
         return None
-    wrong_type = not isinstance(value, spec.kind) or (spec.kind is int and isinstance(value, bool))
+    if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    wrong_type = not isinstance(value, spec.kind) or (spec.kind in (int, float) and isinstance(value, bool))
     if wrong_type:
         raise SettingsError(
             f"{source}: '{name}' must be {TYPE_NAMES[spec.kind]}, got {value!r} ({type(value).__name__})"
         )
+    if spec.item_kind is not None:
+        for item in value:
+            if not isinstance(item, spec.item_kind) or isinstance(item, bool):
+                raise SettingsError(f"{source}: every item of '{name}' must be {TYPE_NAMES[spec.item_kind]}, "
+                                    f"got {item!r} ({type(item).__name__})")
     if spec.choices and value not in spec.choices:
         close = difflib.get_close_matches(value, spec.choices, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from core.model_runner import ModelRunner
 from core.quantization import PackedWeight
+from core.sampling import SamplingParams
 from core.split import split_checkpoint
 from scaffold.tiny import build_tiny_checkpoint
 
@@ -152,14 +153,15 @@ def verify_port(
     hf_tokens, hf_logits = hf_reference(Path(reference_checkpoint or checkpoint), prompts, max_new_tokens)
 
     overrides = {"exe_mode": exe_mode, **(settings_overrides or {})}
-    runner = runner_class(_verification_settings(runner_class, checkpoint, len(prompts), max_new_tokens, overrides))
+    runner = runner_class(verification_settings(runner_class, checkpoint, len(prompts), max_new_tokens, overrides))
     runner.init_model()
     forced = runner.model_generate(prompts, teacher_tokens=hf_tokens.to(runner.device), ignore_eos=True,
                                    keep_logits=True)
     port_logits = torch.stack(forced.step_logits, dim=1)
     max_abs_diff = (port_logits - hf_logits).abs().max().item()
 
-    free = runner.model_generate(prompts, ignore_eos=True, warm_up=exe_mode != "eager")
+    # The reference is greedy whatever the checkpoint's generation_config.json asks for.
+    free = runner.model_generate(prompts, ignore_eos=True, warm_up=exe_mode != "eager", sampling=SamplingParams())
     port_tokens = torch.tensor(free.output_token_ids)
     top2 = hf_logits.topk(2, dim=-1).values
     gaps = top2[..., 0] - top2[..., 1]
@@ -242,7 +244,7 @@ def _launched_case(runner_path: str, case: DistributedCase, world_size: int) -> 
     overrides.update((key, value) for key, value in (case.settings or {}).items() if key != "model_config")
     if case.offline_split_dir is not None:
         runner_class = _import_runner(runner_path)
-        base = _verification_settings(runner_class, case.checkpoint, len(DEFAULT_PROMPTS), 24, overrides)
+        base = verification_settings(runner_class, case.checkpoint, len(DEFAULT_PROMPTS), 24, overrides)
         split_checkpoint(runner_class, base, case.offline_split_dir, show_progress=False)
         overrides["model_path"] = str(case.offline_split_dir)
         overrides["model_config"]["enable_online_split_weight"] = False
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _verification_settings(runner_class, checkpoint: Path, batch_size: int, max_new_tokens: int,
+def verification_settings(runner_class, checkpoint: Path, batch_size: int, max_new_tokens: int,
                            overrides: dict[str, Any]) -> dict[str, Any]:
     settings = {
         "model_name": runner_class.__name__,

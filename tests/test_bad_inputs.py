@@ -106,6 +106,16 @@ def split_quantized(quantization, sizes):
     return build
 
 
+def dataset_with(lines):
+    """An infer run whose data_config.dataset is a JSONL file of `lines`."""
+    def build(tmp, ckpt):
+        dataset = tmp / "data.jsonl"
+        dataset.write_text("".join(line + "\n" for line in lines))
+        return infer_with(settings(ckpt, data_config={"dataset": str(dataset), "max_new_tokens": 4}))(tmp, ckpt)
+    return build
+
+
+GOOD_RECORD = '{"id": 1, "prompt": "Hello"}'
 SCALES = "model.layers.0.mlp.experts.gate_up_proj_scales"
 GRID = "model.layers.0.self_attn.q_proj.weight_scale_inv"
 TP4 = {f"{group}_size": 4 for group in ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")}
@@ -160,6 +170,27 @@ CASES = [
          "model_path is still the placeholder"),
     Case("missing config file", "infer", lambda tmp, ckpt: ["--config", str(tmp / "nope.yaml")],
          "nope.yaml does not exist"),
+    # sampling and datasets
+    Case("negative temperature", "infer", infer_with(lambda c: settings(c, sampling_config={"temperature": -1})),
+         "sampling_config.temperature must be at least 0", "got -1"),
+    Case("top_p outside (0, 1]", "infer", lambda tmp, ckpt: infer_with(settings(ckpt))(tmp, ckpt) + ["--top-p", "1.5"],
+         "sampling_config.top_p must be in (0, 1], got 1.5"),
+    Case("negative top_k", "infer", infer_with(lambda c: settings(c, sampling_config={"top_k": -3})),
+         "sampling_config.top_k must be at least 0"),
+    Case("misspelt sampling key", "infer", infer_with(lambda c: settings(c, sampling_config={"temprature": 0.7})),
+         "unknown key 'sampling_config.temprature'", "did you mean 'sampling_config.temperature'"),
+    Case("dataset record without a prompt", "infer", dataset_with([GOOD_RECORD, GOOD_RECORD.replace("1", "2"),
+                                                                   '{"id": 3, "text": "Hi"}']),
+         "data.jsonl line 3", "unknown field 'text'"),
+    Case("dataset line not JSON", "infer", dataset_with([GOOD_RECORD, '{"id": 2, "prompt": "Hi"']),
+         "data.jsonl line 2: not valid JSON"),
+    Case("dataset ids repeat", "infer", dataset_with([GOOD_RECORD, GOOD_RECORD]),
+         "data.jsonl line 2: id '1' repeats", "line 1"),
+    Case("dataset chat without roles", "infer", dataset_with(['{"id": 1, "messages": [{"content": "Hi"}]}']),
+         "data.jsonl line 1", "\"messages\" must be a non-empty list"),
+    Case("missing dataset file", "infer",
+         infer_with(lambda c: settings(c, data_config={"dataset": "/no/such/prompts.jsonl"})),
+         "/no/such/prompts.jsonl does not exist"),
     # checkpoints
     Case("missing checkpoint folder", "infer", infer_with(lambda c: settings("/no/such/checkpoint")),
          "/no/such/checkpoint/config.json does not exist"),

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_cli
 from generated_models.gpt_oss.runner_gpt_oss import GptOssRunner
-from scaffold.verify import verify_port
+from scaffold.verify import DEFAULT_PROMPTS, verification_settings, verify_port
 
 
 def test_inductor_port_matches_hf_eager_without_recompiles(tiny_gpt_oss, measurements):
@@ -15,6 +15,23 @@ def test_inductor_port_matches_hf_eager_without_recompiles(tiny_gpt_oss, measure
     measurements.append(f"gpt_oss inductor: {report.summary()}")
     assert report.passed, report.summary()
     assert report.recompiles_after_warmup == 0
+
+
+def test_inductor_samples_with_one_decode_graph(tiny_gpt_oss, measurements):
+    """Sampling runs on the logits outside the compiled forward: after warm-up nothing recompiles, and the
+    seeded draws repeat run after run."""
+    runner = GptOssRunner(verification_settings(GptOssRunner, tiny_gpt_oss, 3, 24, {"exe_mode": "inductor"}))
+    runner.init_model()
+    sampling = {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.1, "seed": 5}
+    first = runner.model_generate(list(DEFAULT_PROMPTS), warm_up=True, sampling=sampling, ignore_eos=True)
+    again = runner.model_generate(list(DEFAULT_PROMPTS), sampling=sampling, ignore_eos=True)
+    greedy = runner.model_generate(list(DEFAULT_PROMPTS), ignore_eos=True)
+    measurements.append(f"gpt_oss inductor sampling: {first.timing['recompiles_after_warmup']} recompiles after "
+                        f"warm-up, then {again.timing['recompiles_after_warmup']} (sampled) and "
+                        f"{greedy.timing['recompiles_after_warmup']} (greedy)")
+    assert first.timing["recompiles_after_warmup"] == again.timing["recompiles_after_warmup"] == 0
+    assert greedy.timing["recompiles_after_warmup"] == 0
+    assert first.output_token_ids == again.output_token_ids != greedy.output_token_ids
 
 
 def test_ge_graph_without_torch_npu_names_the_available_modes(tmp_path):

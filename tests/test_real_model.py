@@ -8,19 +8,12 @@ import json
 
 import pytest
 
-from conftest import REPO, run_cli
-from core.gguf_import import STAMP_FILE, import_gguf, packaged_smollm2_gguf
+from conftest import run_cli
+from core.gguf_import import STAMP_FILE
 from generated_models.llama.runner_llama import LlamaRunner
 from scaffold.verify import verify_port
 
-CACHED_CHECKPOINT = REPO / "build" / "checkpoints" / "SmolLM2-135M-Instruct"
 PROMPT = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    checkpoint, _ = import_gguf(packaged_smollm2_gguf(), CACHED_CHECKPOINT)
-    return checkpoint
 
 
 def test_import_gguf_writes_a_plain_hf_checkpoint(smollm2):

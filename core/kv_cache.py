@@ -19,16 +19,30 @@ from transformers import PreTrainedConfig
 class StaticKVCache:
     is_compileable = True
 
-    def __init__(self, num_layers: int, max_len: int, device: torch.device):
-        self.max_len = max_len
+    def __init__(self, num_layers: int, max_len: int, device: torch.device, batch_size: int | None = None):
+        """batch_size: the rows to allocate, when the first write may come from one row (`row()`); None takes
+        the first write's."""
+        self.max_len, self.batch_size = max_len, batch_size
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.indexer_keys: list[torch.Tensor | None] = [None] * num_layers
         self.write_slots = torch.zeros(1, dtype=torch.long, device=device)
 
     @classmethod
-    def for_model(cls, config: PreTrainedConfig, max_len: int, device: torch.device) -> "StaticKVCache":
-        return cls(config.num_hidden_layers, max_len, device)
+    def for_model(cls, config: PreTrainedConfig, max_len: int, device: torch.device,
+                  batch_size: int | None = None) -> "StaticKVCache":
+        return cls(config.num_hidden_layers, max_len, device, batch_size)
+
+    def row(self, index: int) -> "CacheRow":
+        """The cache as one row (batch 1) sees it: a prompt prefilled alone into row `index` of a running batch."""
+        return CacheRow(self, index)
+
+    def shift_slots(self, shift: int) -> None:
+        """Move every row's contents `shift` slots towards slot 0 (in place: the buffers keep their addresses)."""
+        for buffers, slot_dim in ((self.keys, 2), (self.values, 2), (self.indexer_keys, 1)):
+            for buffer in buffers:
+                if buffer is not None:
+                    buffer.copy_(torch.roll(buffer, -shift, dims=slot_dim))
 
     @property
     def allocated(self) -> bool:
@@ -64,6 +78,8 @@ class StaticKVCache:
                                f"take their shape from an eager step, so run one eager forward on a new cache first")
         shape = list(states.shape)
         shape[slot_dim] = self.max_len
+        if self.batch_size is not None:
+            shape[0] = self.batch_size
         buffer = torch.zeros(shape, dtype=states.dtype, device=states.device)
         # A fixed address lets CUDA graphs replay over the in-place updates.
         torch._dynamo.mark_static_address(buffer)
@@ -80,3 +96,41 @@ class StaticKVCache:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+class CacheRow(StaticKVCache):
+    """Row `index` of a StaticKVCache as a batch-1 cache: writes land in that row's slots, reads return its row."""
+
+    def __init__(self, cache: StaticKVCache, index: int):
+        self.cache, self.index = cache, index
+        self.max_len, self.batch_size = cache.max_len, cache.batch_size
+        self.write_slots = cache.write_slots
+
+    @property
+    def allocated(self) -> bool:
+        return self.cache.allocated
+
+    def set_write_slots(self, slots: torch.Tensor) -> None:
+        self.write_slots = slots
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        cache, rows = self.cache, slice(self.index, self.index + 1)
+        if cache.keys[layer_idx] is None:
+            cache.keys[layer_idx] = cache._allocate_like(key_states, layer_idx)
+            cache.values[layer_idx] = cache._allocate_like(value_states, layer_idx)
+        keys, values = cache.keys[layer_idx][rows], cache.values[layer_idx][rows]
+        keys.index_copy_(2, self.write_slots, key_states.to(keys.dtype))
+        values.index_copy_(2, self.write_slots, value_states.to(values.dtype))
+        return keys, values
+
+    def update_indexer(self, indexer_key_states: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        cache = self.cache
+        if cache.indexer_keys[layer_idx] is None:
+            cache.indexer_keys[layer_idx] = cache._allocate_like(indexer_key_states, layer_idx, slot_dim=1)
+        keys = cache.indexer_keys[layer_idx][self.index : self.index + 1]
+        keys.index_copy_(1, self.write_slots, indexer_key_states)
+        return keys
+
+    def __len__(self) -> int:
+        return len(self.cache)

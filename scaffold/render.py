@@ -55,6 +55,7 @@ def port_files(spec: ModelSpec) -> dict[str, str]:
         f"generated_models/{name}/modeling_{name}.py": port_modeling_module(spec, plan, prepare_inputs, PREPARE_INPUTS_IMPORTS),
         f"generated_models/{name}/runner_{name}.py": env.get_template("runner.py.j2").render(context),
         f"generated_models/{name}/infer.py": env.get_template("infer.py.j2").render(context),
+        f"generated_models/{name}/serve.py": env.get_template("serve.py.j2").render(context),
         f"generated_models/{name}/README.md": env.get_template("model_readme.md.j2").render(context),
         f"config/{name}.yaml": env.get_template("config.yaml.j2").render(context),
         f"tests/generated/test_{name}.py": env.get_template("test_model.py.j2").render(context),

@@ -17,6 +17,7 @@ GPT_OSS_FILES = [
     "generated_models/gpt_oss/modeling_gpt_oss.py",
     "generated_models/gpt_oss/runner_gpt_oss.py",
     "generated_models/gpt_oss/infer.py",
+    "generated_models/gpt_oss/serve.py",
     "generated_models/gpt_oss/README.md",
     "config/gpt_oss.yaml",
     "tests/generated/test_gpt_oss.py",

@@ -51,21 +51,14 @@ def parse_args(argv: list[str] | None, description: str | None) -> argparse.Name
 
 
 def warm_up(engine: Engine) -> None:
-    """Graph modes compile before the first client: one sequence per prefill bucket, with a few decode steps."""
+    """Graph modes compile the decode graph (one for every mix of rows) before the first client arrives."""
     runner = engine.runner
-    bucket = 16
-    lengths = []
-    while bucket < runner.input_max_len:
-        lengths.append(bucket)
-        bucket *= 2
-    lengths.append(runner.input_max_len)
-    for length in lengths:
-        finished = threading.Event()
-        sequence = Sequence(f"warm-up-{length}", [runner.tokenizer.pad_token_id] * length, 2, runner.sampling,
-                            emit=lambda event: event.finish_reason and finished.set())
-        engine.submit(sequence)
-        while not finished.is_set():
-            engine.step()
+    finished = threading.Event()
+    sequence = Sequence("warm-up", [runner.tokenizer.pad_token_id] * 4, 3, runner.sampling,
+                        emit=lambda event: event.finish_reason and finished.set())
+    engine.submit(sequence)
+    while not finished.is_set():
+        engine.step()
 
 
 @exit_on_user_error

@@ -222,3 +222,60 @@ def test_tp2_concurrent_greedy_answers_equal_each_alone(tiny_llama, tmp_path, al
     measurements.append(f"serve TP=2: {len(results)} concurrent greedy requests on 4 rows, "
                         f"{sum(bool(note) for _, note in verdicts)} differ from TP=1 alone (near ties only)")
     assert all(ok for ok, _ in verdicts), [note for _, note in verdicts]
+
+
+def test_inductor_decodes_every_mix_of_rows_with_one_graph(tiny_llama, alone, measurements):
+    """Sequences join and leave a compiled batch at different steps (prefills run eagerly): nothing
+    recompiles after the warm-up, and each greedy answer is still its alone answer."""
+    from core.model_runner import compiled_frames
+    from core.serve import warm_up
+    from core.serving.engine import Engine, Sequence
+
+    runner = LlamaRunner(verification_settings(LlamaRunner, tiny_llama, 3, 16, {
+        "exe_mode": "inductor", "data_config": {"input_max_len": 32}}))
+    runner.init_model()
+    engine = Engine(runner)
+    warm_up(engine)
+    frames = compiled_frames()
+    sequences = {}
+    arrivals = {0: PROMPTS[:2], 3: PROMPTS[2:5], 9: PROMPTS[5:]}
+    step = 0
+    while step <= max(arrivals) or engine.busy():
+        for prompt in arrivals.get(step, []):
+            sequences[prompt] = Sequence(prompt, runner.tokenizer(prompt)["input_ids"], 5 + len(prompt) % 7,
+                                         SamplingParams(), emit=lambda event: None)
+            engine.submit(sequences[prompt])
+        engine.step()
+        step += 1
+    recompiles = compiled_frames() - frames
+    measurements.append(f"serve inductor: {len(PROMPTS)} sequences joining at steps 0/3/9 over 3 rows, "
+                        f"{recompiles} recompiles after warm-up")
+    assert recompiles == 0
+    for prompt, sequence in sequences.items():
+        assert sequence.finish_reason is not None
+        reference = alone[prompt]
+        expected = reference.output_token_ids[0][: len(sequence.output_ids)]
+        differs = [step for step, (got, want) in enumerate(zip(sequence.output_ids, expected)) if got != want]
+        assert not differs or float(reference.step_logits[differs[0]][0].topk(2).values.diff().abs()) < TOLERANCE
+
+
+def test_a_failed_step_ends_its_sequences_with_an_error_and_the_engine_goes_on(tiny_llama):
+    from core.serving.engine import Engine, Sequence
+
+    runner = LlamaRunner(verification_settings(LlamaRunner, tiny_llama, 2, 16, {"data_config": {"input_max_len": 32}}))
+    runner.init_model()
+    engine = Engine(runner)
+    events = []
+    failing = Sequence("a", runner.tokenizer("Hello")["input_ids"], 8, SamplingParams(), emit=events.append)
+    engine.submit(failing)
+    engine.batch.decode = lambda *args: (_ for _ in ()).throw(RuntimeError("device lost"))
+    stopping = threading.Event()
+    stopping.set()
+    engine.run(stopping)
+    assert events[-1].finish_reason == "error" and "device lost" in events[-1].text
+    assert engine.free_rows() == 2
+    del engine.batch.decode
+    healthy = Sequence("b", runner.tokenizer("Hello")["input_ids"], 4, SamplingParams(), emit=events.append)
+    engine.submit(healthy)
+    engine.run(stopping)
+    assert healthy.finish_reason in ("stop", "length") and engine.free_rows() == 2

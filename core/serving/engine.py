@@ -14,6 +14,7 @@ rank 0 broadcasts each operation before it runs it, the other ranks replay it (`
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,6 +27,7 @@ from core.model_runner import ModelRunner, seen_tokens
 from core.sampling import Sampler, SamplingParams
 
 INCOMPLETE_CHARACTER = "\ufffd"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Sequence:
     sampling: SamplingParams
     emit: Callable[[Event], None]
     stop_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
     output_ids: list[int] = field(default_factory=list)
     sent_text: str = ""
     finish_reason: str | None = None
@@ -93,22 +96,18 @@ class RowBatch:
 
     def prefill(self, row: int, prompt_ids: list[int]) -> torch.Tensor:
         """Prefill row `row` with a prompt right-aligned at the shared slot; the last position's logits [1, vocab]."""
-        runner = self.runner
-        length = runner.prefill_length(len(prompt_ids))
-        padding = length - len(prompt_ids)
-        start = self.slot - length
-        ids = torch.tensor([[runner.tokenizer.pad_token_id] * padding + prompt_ids], device=runner.device)
-        row_mask = torch.zeros(1, self.length, dtype=torch.long, device=runner.device)
-        row_mask[0, start + padding : self.slot] = 1
-        positions = torch.ones(1, length, dtype=torch.long, device=runner.device)
-        positions[0, padding:] = torch.arange(len(prompt_ids), device=runner.device)
-        inputs = {"input_ids": ids, "attention_mask": row_mask, "position_ids": positions,
-                  "cache_position": torch.arange(start, self.slot, device=runner.device),
-                  "kv_cache": self.cache.row(row)}
-        logits = runner.model_inference(runner.model_input_prepare(inputs))
+        runner, device = self.runner, self.runner.device
+        start = self.slot - len(prompt_ids)
+        row_mask = torch.zeros(1, self.length, dtype=torch.long, device=device)
+        row_mask[0, start : self.slot] = 1
+        inputs = {"input_ids": torch.tensor([prompt_ids], device=device), "attention_mask": row_mask,
+                  "position_ids": torch.arange(len(prompt_ids), device=device)[None],
+                  "cache_position": torch.arange(start, self.slot, device=device), "kv_cache": self.cache.row(row)}
+        # Eager, also in graph modes: a compiled prefill would specialise on the row; decode is the hot loop.
+        logits = runner.model(**runner.model_input_prepare(inputs)).logits[:, -1, :]
         self.mask[row] = row_mask[0]
         self.positions[row] = len(prompt_ids)
-        self.first_slot[row] = start + padding
+        self.first_slot[row] = start
         return logits
 
     def decode(self, tokens: list[int], active: list[int]) -> torch.Tensor:
@@ -188,13 +187,28 @@ class Engine:
 
     # ------------------------------------------------------------------ engine thread
     def run(self, stopping: threading.Event) -> None:
-        """Step until `stopping` is set and nothing is waiting or running; then release the replicas."""
+        """Step until `stopping` is set and nothing is waiting or running; then release the replicas. A step
+        that fails ends every sequence in it with finish_reason "error" (their clients get a 500) and the
+        engine goes on."""
         while not (stopping.is_set() and not self.busy()):
-            if not self.step():
+            try:
+                worked = self.step()
+            except Exception as error:  # noqa: BLE001 - any failure of a step is reported to its clients
+                logger.exception("engine step failed")
+                self._fail_running(f"{type(error).__name__}: {error}")
+                worked = True
+            if not worked:
                 self.work.wait(timeout=0.05)
                 self.work.clear()
         if self.distributed:
             self._apply(("stop",))
+
+    def _fail_running(self, message: str) -> None:
+        for row, sequence in enumerate(self.rows):
+            if sequence is not None:
+                sequence.finish_reason = "error"
+                sequence.emit(Event(message, [], "error", len(sequence.prompt_ids), len(sequence.output_ids)))
+                self.rows[row] = None
 
     def step(self) -> bool:
         """Admit, then decode once; False when there was nothing to do."""
@@ -252,7 +266,7 @@ class Engine:
     def _emit(self, sequence: Sequence) -> None:
         token = sequence.output_ids[-1]
         stops = sequence.sampling.stop_strings
-        if token in self.eos_ids or token in sequence.stop_ids:
+        if not sequence.ignore_eos and (token in self.eos_ids or token in sequence.stop_ids):
             sequence.finish_reason = "stop"
         text = self.runner.tokenizer.decode(sequence.output_ids, skip_special_tokens=True)
         # OpenAI's rule: the text ends before the stop string. Earlier text never held one whole.

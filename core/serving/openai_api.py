@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -51,6 +52,7 @@ class CompletionRequest:
             raise BadRequest(400, "only n=1 is supported", param="n")
         self.chat, self.stream = chat, bool(body.get("stream", False))
         self.return_token_ids = bool(body.get("return_token_ids", False))
+        self.ignore_eos = bool(body.get("ignore_eos", False))  # vLLM's extension, for load tests
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
         tokenizer = runner.tokenizer
         if chat:
@@ -81,6 +83,8 @@ class CompletionRequest:
         changes = {key: body[key] for key in SAMPLING_FIELDS if body.get(key) is not None}
         if "temperature" in changes:
             changes["do_sample"] = True
+        if "seed" not in changes:  # unseeded requests draw differently from one another
+            changes["seed"] = random.getrandbits(63)
         stop = body.get("stop")
         if stop is not None:
             changes["stop_strings"] = [stop] if isinstance(stop, str) else stop
@@ -124,7 +128,8 @@ def create_app(engine: Engine, runner: ModelRunner, model_name: str, api_key: st
         events: asyncio.Queue[Event] = asyncio.Queue()
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         sequence = Sequence(request_id, checked.prompt_ids, checked.max_tokens, checked.sampling,
-                            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                            stop_ids=frozenset(checked.sampling.eos_token_id), ignore_eos=checked.ignore_eos)
         if not engine.submit(sequence):
             return error_response(429, "the server's queue is full; retry later", kind="rate_limit_exceeded")
         if checked.stream:
@@ -136,6 +141,8 @@ def create_app(engine: Engine, runner: ModelRunner, model_name: str, api_key: st
                 text += event.text
         finally:
             sequence.cancel()
+        if event.finish_reason == "error":
+            return error_response(500, f"generation failed: {event.text}", kind="server_error")
         response = _whole(request_id, chat, model_name, text, event)
         if checked.return_token_ids:  # vLLM's extension: the generated token ids beside the text
             response["choices"][0]["token_ids"] = list(sequence.output_ids)
@@ -190,8 +197,15 @@ async def _stream(sequence: Sequence, events: asyncio.Queue, checked: Completion
         event = None
         while event is None or event.finish_reason is None:
             event = await events.get()
+            if event.finish_reason == "error":
+                error = {"message": f"generation failed: {event.text}", "type": "server_error"}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                break
             if event.text:
                 yield chunk(event.text, None)
+        if event.finish_reason == "error":
+            yield "data: [DONE]\n\n"
+            return
         yield chunk(None, event.finish_reason)
         if checked.include_usage:
             yield chunk(None, None, usage=_usage(event))

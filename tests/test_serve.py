@@ -279,3 +279,29 @@ def test_a_failed_step_ends_its_sequences_with_an_error_and_the_engine_goes_on(t
     engine.submit(healthy)
     engine.run(stopping)
     assert healthy.finish_reason in ("stop", "length") and engine.free_rows() == 2
+
+
+def test_rows_move_back_when_the_shared_slot_reaches_the_cache_end(tiny_llama, alone, monkeypatch):
+    """A cache of 2 x (32 + 8) slots and 40 sequences of 8 tokens over 2 rows: the shared slot reaches the end
+    several times; every answer is still its alone answer."""
+    from core.serving.engine import Engine, RowBatch, Sequence
+
+    runner = LlamaRunner(verification_settings(LlamaRunner, tiny_llama, 2, 8, {"data_config": {"input_max_len": 32}}))
+    runner.init_model()
+    compactions = []
+    original = RowBatch.compact
+    monkeypatch.setattr(RowBatch, "compact", lambda batch, keep: compactions.append(keep) or original(batch, keep))
+    engine = Engine(runner)
+    sequences = [Sequence(str(index), runner.tokenizer(prompt)["input_ids"], 8, SamplingParams(), lambda event: None,
+                          ignore_eos=True) for index, prompt in enumerate(PROMPTS * 5)]
+    for sequence in sequences:
+        engine.submit(sequence)
+    stopping = threading.Event()
+    stopping.set()
+    engine.run(stopping)
+    assert len(compactions) >= 2
+    for sequence, prompt in zip(sequences, PROMPTS * 5):
+        expected = alone[prompt].output_token_ids[0][:8]
+        differs = [step for step, (got, want) in enumerate(zip(sequence.output_ids, expected)) if got != want]
+        gap = float(alone[prompt].step_logits[differs[0]][0].topk(2).values.diff().abs()) if differs else 0.0
+        assert len(sequence.output_ids) == 8 and gap < TOLERANCE, (prompt, sequence.output_ids, expected)

@@ -422,7 +422,7 @@ class ModelRunner:
         the kept logits and the timing."""
         batch_size = input_dict["input_ids"].shape[0]
         sampler = Sampler(sampling, self.device, self.runner_settings["model_config"]["seed"])
-        stop_ids = torch.tensor(self._eos_token_ids() + list(sampling.eos_token_id), device=self.device)
+        stop_ids = torch.tensor(self.eos_token_ids() + list(sampling.eos_token_id), device=self.device)
         prompt_ids = input_dict["input_ids"]
         prompt_mask = input_dict["attention_mask"][:, : prompt_ids.shape[1]]
         seen = None
@@ -472,7 +472,7 @@ class ModelRunner:
         tails = self.tokenizer.batch_decode(torch.stack(generated[-window:], dim=1).tolist(), skip_special_tokens=True)
         return torch.tensor([any(text in tail for text in stop_strings) for tail in tails], device=self.device)
 
-    def _eos_token_ids(self) -> list[int]:
+    def eos_token_ids(self) -> list[int]:
         eos = self.model.config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id

@@ -166,7 +166,7 @@ class Engine:
         self.lock = threading.Lock()
         self.work = threading.Event()
         self.distributed = runner.world_size > 1
-        self.eos_ids = frozenset(runner._eos_token_ids())
+        self.eos_ids = frozenset(runner.eos_token_ids())
 
     # ------------------------------------------------------------------ any thread
     def submit(self, sequence: Sequence) -> bool:

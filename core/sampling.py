@@ -66,8 +66,8 @@ class SamplingParams:
             (self.top_k < 0, f"top_k must be at least 0 (0 keeps every token), got {self.top_k}"),
             (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.min_p is not None and not 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.repetition_penalty <= 0, f"repetition_penalty must be above 0 (1 is none), got "
-                                           f"{self.repetition_penalty}"),
+            (self.repetition_penalty <= 0,
+             f"repetition_penalty must be above 0 (1 is none), got {self.repetition_penalty}"),
             (any(not text for text in self.stop_strings), "stop_strings must not hold an empty string"),
         ]
         for failed, message in problems:

@@ -16,6 +16,7 @@ import torch
 from core.checkpoint_mapping import ConcatenatedSlice, ModelNamedCheckpoint, conversion_transforms
 from core.errors import CheckpointError, SettingsError
 from core.quantization import BlockSplitError, PackedWeight, QuantizedCheckpoint
+from core.quantization.base import join_pieces
 from core.safetensors_reader import SafetensorsCheckpoint
 
 logger = logging.getLogger(__name__)
@@ -74,14 +75,28 @@ def _fill(target: torch.Tensor, name: str, sources: list[str], checkpoint: Model
 
 
 def _shape_only(target: torch.Tensor | PackedWeight) -> torch.Tensor:
-    """A stand-in for `target` that loaders can fill without memory: its shape on the meta device."""
+    """A stand-in for `target` that its loader fills without memory: its shape on the meta device (a packed
+    weight's: the shape and loader of the parameter it replaced)."""
     if isinstance(target, PackedWeight):
-        return torch.empty(target.local_shape, device="meta")
+        meta = torch.empty(target.local_shape, device="meta")
+        if target.replaced_loader is not None:
+            meta.weight_loader = target.replaced_loader
+        return meta
     meta = torch.empty_like(target, device="meta")
     for attribute in ("weight_loader", "merged_from"):
         if hasattr(target, attribute):
             setattr(meta, attribute, getattr(target, attribute))
     return meta
+
+
+def _fill_packed(target: PackedWeight, name: str, sources: list[str], checkpoint: ModelNamedCheckpoint,
+                 quantized: QuantizedCheckpoint, presplit: bool) -> None:
+    """Keep the stored pieces of exactly the rows the replaced parameter's loader would read."""
+    with quantized.reading("collect") as pieces:
+        _fill(_shape_only(target), name, sources, checkpoint, presplit)
+    if len(pieces) != 1:
+        raise CheckpointError(f"packed weight '{name}' is read from {len(pieces)} quantized tensors; it can keep one")
+    target.store(join_pieces(next(iter(pieces.values()))))
 
 
 def _tp_degree(model: torch.nn.Module, name: str, target) -> str:
@@ -98,11 +113,8 @@ def check_quantized_splits(model: torch.nn.Module, checkpoint: ModelNamedCheckpo
     with quantized.reading("probe"):
         for name in sorted(names):
             target = targets[name]
-            stand_in = _shape_only(target)
-            if isinstance(target, PackedWeight):
-                stand_in.weight_loader = target.replaced_loader
             try:
-                _fill(stand_in, name, sources[name], checkpoint, presplit=False)
+                _fill(_shape_only(target), name, sources[name], checkpoint, presplit=False)
             except BlockSplitError as error:
                 raise SettingsError(
                     f"layer '{name}': {error} at {_tp_degree(model, name, target)}; choose a parallel size that "
@@ -147,7 +159,7 @@ def load_checkpoint_into(
     with torch.no_grad():
         for name, target in targets.items():
             if isinstance(target, PackedWeight):
-                target.load(named.get_slice(name), presplit)
+                _fill_packed(target, name, sources[name], named, checkpoint, presplit)
             elif keep_quantized and name in quantized:
                 _fill(_shape_only(target), name, sources[name], named, presplit)
             else:

@@ -92,8 +92,8 @@ class QuantizedSlice:
 class PackedWeight(nn.Module):
     """A parameter kept in its stored quantized form; `self.<name>[i]` dequantizes only what it indexes.
 
-    Loading runs the replaced parameter's own `weight_loader` against a shape-only copy to learn which rows
-    this rank owns, then keeps the stored pieces of exactly those rows.
+    Loading (core.weights) runs the replaced parameter's own `weight_loader` against a shape-only copy to
+    learn which rows this rank owns, collects the stored pieces of exactly those rows, and `store`s them.
     """
 
     def __init__(self, replaced: nn.Parameter):
@@ -101,14 +101,6 @@ class PackedWeight(nn.Module):
         self.compute_dtype = replaced.dtype
         self.local_shape = tuple(replaced.shape)
         self.replaced_loader = getattr(replaced, "weight_loader", None)
-
-    def load(self, loaded: QuantizedSlice, presplit: bool) -> None:
-        with loaded.checkpoint.reading("collect") as pieces:
-            if presplit or self.replaced_loader is None:
-                loaded[:]
-            else:
-                self.replaced_loader(torch.empty(self.local_shape, device="meta"), loaded)
-        self.store({role: joined for role, joined in join_pieces(pieces[loaded.name]).items()})
 
     def store(self, parts: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError

@@ -193,7 +193,7 @@ class Engine:
         while not (stopping.is_set() and not self.busy()):
             try:
                 worked = self.step()
-            except Exception as error:  # noqa: BLE001 - any failure of a step is reported to its clients
+            except Exception as error:  # any failure of a step is reported to its clients
                 logger.exception("engine step failed")
                 self._fail_running(f"{type(error).__name__}: {error}")
                 worked = True

@@ -100,9 +100,9 @@ def create_app(engine: Engine, runner: ModelRunner, model_name: str, api_key: st
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return error_response(401, "Incorrect API key provided", code="invalid_api_key")
+        if (api_key is not None and request.url.path != "/health"
+                and request.headers.get("authorization") != f"Bearer {api_key}"):
+            return error_response(401, "Incorrect API key provided", code="invalid_api_key")
         return await call_next(request)
 
     @app.get("/health")

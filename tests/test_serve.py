@@ -153,6 +153,7 @@ def test_concurrent_greedy_answers_equal_each_alone(server, alone, measurements)
     ({}, b"{not json", 400, "not valid JSON"),
     ({}, {"model": "gpt-4", "prompt": "Hi"}, 404, "The model 'gpt-4' does not exist"),
     ({}, {"model": "llama", "prompt": "Hi", "max_tokens": 999}, 400, "max_tokens must be an integer from 1 to 16"),
+    ({}, {"model": "llama", "prompt": "Hi", "max_tokens": 0}, 400, "max_tokens must be an integer from 1 to 16"),
     ({}, {"model": "llama", "prompt": "word " * 40}, 400, "this server takes at most 32"),
     ({}, {"model": "llama", "prompt": "Hi", "temperature": -1}, 400, "temperature must be at least 0"),
     ({"Authorization": "Bearer wrong"}, {"model": "llama", "prompt": "Hi"}, 401, "Incorrect API key"),

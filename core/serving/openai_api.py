@@ -76,7 +76,9 @@ class CompletionRequest:
                                   f"{runner.input_max_len} (data_config.input_max_len)", param="messages" if chat
                              else "prompt", code="context_length_exceeded")
         limit = runner.max_new_tokens
-        self.max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or (limit if chat else 16)
+        self.max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if self.max_tokens is None:
+            self.max_tokens = limit if chat else 16  # OpenAI's completions default
         if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= limit:
             raise BadRequest(400, f"max_tokens must be an integer from 1 to {limit} (data_config.max_new_tokens, "
                                   f"the KV cache's room), got {self.max_tokens!r}", param="max_tokens")

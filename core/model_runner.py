@@ -28,18 +28,12 @@ from core.kv_cache import StaticKVCache
 from core.layers import check_partitions
 from core.quantization import QuantizationMethod, QuantizedCheckpoint, declared_quantization, quantization_method
 from core.safetensors_reader import SafetensorsCheckpoint
-from core.sampling import Sampler, SamplingParams, resolve_sampling
+from core.sampling import Sampler, SamplingParams, resolve_sampling, seen_tokens
 from core.settings import is_placeholder_path, validate_runner_settings
 from core.timing import GenerationTiming, StepTimer
 from core.weights import load_checkpoint_into
 
 logger = logging.getLogger(__name__)
-
-
-def seen_tokens(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[batch, vocab] true where a row's prompt (its real tokens, not the padding) holds the token."""
-    counts = torch.zeros(prompt_ids.shape[0], vocab_size, dtype=torch.long, device=prompt_ids.device)
-    return counts.scatter_add_(1, prompt_ids, prompt_mask.long()) > 0
 
 
 def compiled_frames() -> int:

@@ -101,6 +101,13 @@ def resolve_sampling(settings: dict[str, Any], model_path: Path) -> SamplingPara
     return params.replace(**given)
 
 
+def seen_tokens(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The repetition penalty's input: [batch, vocab] true where a row's prompt (its real tokens, not the
+    padding) holds the token; the decode loop marks each generated token as it goes."""
+    counts = torch.zeros(prompt_ids.shape[0], vocab_size, dtype=torch.long, device=prompt_ids.device)
+    return counts.scatter_add_(1, prompt_ids, prompt_mask.long()) > 0
+
+
 class Sampler:
     """Next tokens for one generation: `sampler(logits, seen)`; `seen` [batch, vocab] marks each row's prompt
     and generated tokens (for the repetition penalty)."""

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from core.kv_cache import StaticKVCache
-from core.model_runner import ModelRunner, seen_tokens
-from core.sampling import Sampler, SamplingParams
+from core.model_runner import ModelRunner
+from core.sampling import Sampler, SamplingParams, seen_tokens
 
 INCOMPLETE_CHARACTER = "\ufffd"
 logger = logging.getLogger(__name__)

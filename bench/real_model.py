@@ -4,7 +4,12 @@
                                [--json results/bench_real_model.json]
 
 Contenders, per dtype and batch size: (a) HF eager `generate`; (b) HF `generate` with a static cache, which
-then compiles its decode forward with torch.compile (HF's CompileConfig defaults); (c) the port in `eager`; (d) the port in `inductor`. Each warms up once (compiling
+then compiles its decode forward with torch.compile (HF's CompileConfig defaults); (c) the port in `eager`; (d) the
+port in `inductor`. With bfloat16 also the port's low-bit linears in `inductor` (torch's CPU kernels, bfloat16
+activations): (e) the GGUF's own Q4_1 / Q8_0 codes kept (`import-gguf --keep-quantized`, `quant_weight_mode:
+packed`); (f) `weight_quant: int4` and (g) `int8`, quantized at load from the float import; and (h) llama.cpp on
+the same GGUF file with the same threads (`pip install llama-cpp-python==0.3.36`, built from source; skipped with a
+note when absent). Each warms up once (compiling
 what it compiles), then they run in turn, `--repeats` rounds, so drift hits all alike; a figure is the median
 over rounds. The machine's memory read bandwidth is measured in the same run: the decode roofline is that
 bandwidth over the bytes of weights one decode step reads (every parameter once; an untied input embedding only
@@ -14,6 +19,8 @@ gathers rows, so it is left out), and each decode figure is also given as a frac
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import itertools
 import json
 import platform
 import statistics
@@ -21,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -31,9 +39,11 @@ from transformers import (
 )
 
 from core.gguf_import import import_gguf, packaged_smollm2_gguf
+from core.quantization import PackedWeight
 from generated_models.llama.runner_llama import LlamaRunner
 
 CHECKPOINT = Path("build/checkpoints/SmolLM2-135M-Instruct")
+KEPT_CHECKPOINT = Path("build/checkpoints/SmolLM2-135M-Instruct-q4_1")
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -60,8 +70,10 @@ def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
 
 def weight_bytes_per_step(model: torch.nn.Module) -> int:
     embedding = model.get_input_embeddings().weight
-    tied = embedding is model.get_output_embeddings().weight
+    head = model.get_output_embeddings().weight
+    tied = embedding is head
     total = sum(param.numel() * param.element_size() for param in model.parameters())
+    total += sum(module.packed_bytes() for module in model.modules() if isinstance(module, PackedWeight))
     return total if tied else total - embedding.numel() * embedding.element_size()
 
 
@@ -100,27 +112,69 @@ class HfContender:
 
 
 class PortContender:
-    def __init__(self, dtype: str, exe_mode: str, batch_size: int, new_tokens: int):
+    def __init__(self, dtype: str, exe_mode: str, batch_size: int, new_tokens: int, checkpoint: Path = CHECKPOINT,
+                 **model_config):
         self.runner = LlamaRunner({
-            "model_name": "llama", "model_path": str(CHECKPOINT), "exe_mode": exe_mode,
-            "model_config": {"dtype": dtype, "device": "cpu"},
+            "model_name": "llama", "model_path": str(checkpoint), "exe_mode": exe_mode,
+            "model_config": {"dtype": dtype, "device": "cpu", **model_config},
             "data_config": {"input_max_len": 32, "max_new_tokens": new_tokens, "batch_size": batch_size},
         })
         self.runner.init_model()
         self.model = self.runner.model
+        self.weight_bytes = weight_bytes_per_step(self.model)
 
     def run(self, prompts: list[str]) -> dict[str, float]:
         timing = self.runner.model_generate(prompts, ignore_eos=True).timing
         return {"prefill_ms": timing["prefill_ms"], "decode_ms": timing["decode_ms_p50"]}
 
 
+class LlamaCppContender:
+    """llama.cpp through llama-cpp-python on the GGUF file itself, greedy; a step is the gap between two tokens."""
+
+    def __init__(self, new_tokens: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(packaged_smollm2_gguf()), n_threads=torch.get_num_threads(),
+                         n_threads_batch=torch.get_num_threads(), n_ctx=256, verbose=False)
+        self.new_tokens = new_tokens
+        self.weight_bytes = sum(int(tensor.n_bytes) for tensor in GGUFReader(packaged_smollm2_gguf()).tensors)
+
+    def run(self, prompts: list[str]) -> dict[str, float]:
+        self.llm.reset()
+        tokens = self.llm.tokenize(prompts[0].encode())
+        started = time.perf_counter()
+        stamps = []
+        for _ in self.llm.generate(tokens, top_k=1, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == self.new_tokens:
+                break
+        steps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
+        return {"prefill_ms": (stamps[0] - started) * 1000, "decode_ms": statistics.median(steps) * 1000}
+
+
+def llama_cpp_missing() -> str | None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama.cpp row skipped: llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)"
+    return None
+
+
 def contenders(dtype: str, batch_size: int, new_tokens: int) -> dict:
-    return {
+    built = {
         "HF eager generate": lambda: HfContender(DTYPES[dtype], False, new_tokens),
         "HF static cache + compile": lambda: HfContender(DTYPES[dtype], True, new_tokens),
         "port eager": lambda: PortContender(dtype, "eager", batch_size, new_tokens),
         "port inductor": lambda: PortContender(dtype, "inductor", batch_size, new_tokens),
     }
+    if dtype == "bfloat16":
+        built["port GGUF Q4_1 kept"] = lambda: PortContender(dtype, "inductor", batch_size, new_tokens,
+                                                             KEPT_CHECKPOINT, quant_weight_mode="packed")
+        built["port int4 (weight_quant)"] = lambda: PortContender(dtype, "inductor", batch_size, new_tokens,
+                                                                  weight_quant="int4")
+        built["port int8 (weight_quant)"] = lambda: PortContender(dtype, "inductor", batch_size, new_tokens,
+                                                                  weight_quant="int8")
+        if batch_size == 1 and llama_cpp_missing() is None:
+            built["llama.cpp (same GGUF)"] = lambda: LlamaCppContender(new_tokens)
+    return built
 
 
 def measure(dtype: str, batch_size: int, new_tokens: int, repeats: int, bandwidth: float) -> list[dict]:
@@ -132,10 +186,11 @@ def measure(dtype: str, batch_size: int, new_tokens: int, repeats: int, bandwidt
         built[name].run(prompts)
         compile_s[name] = time.perf_counter() - started
     rounds = [{name: contender.run(prompts) for name, contender in built.items()} for _ in range(repeats)]
-    weight_bytes = weight_bytes_per_step(next(iter(built.values())).model)
-    roofline_steps_per_s = bandwidth * 1e9 / weight_bytes
+    float_bytes = weight_bytes_per_step(next(iter(built.values())).model)
     rows = []
-    for name in built:
+    for name, contender in built.items():
+        weight_bytes = getattr(contender, "weight_bytes", float_bytes)
+        roofline_steps_per_s = bandwidth * 1e9 / weight_bytes
         decode_ms = statistics.median(round_[name]["decode_ms"] for round_ in rounds)
         rows.append({
             "dtype": dtype, "batch": batch_size, "contender": name,
@@ -176,6 +231,10 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     import_gguf(packaged_smollm2_gguf(), CHECKPOINT)
+    if "bfloat16" in args.dtypes:
+        import_gguf(packaged_smollm2_gguf(), KEPT_CHECKPOINT, keep_quantized=True)
+        if llama_cpp_missing():
+            print(llama_cpp_missing())
     bandwidth = read_bandwidth_gb_s()
     rows = [row for dtype in args.dtypes for batch in args.batches
             for row in measure(dtype, batch, args.new_tokens, args.repeats, bandwidth)]

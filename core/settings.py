@@ -17,6 +17,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "npu", "cuda", "cpu")
 TOKENIZER_MODES = ("default", "chat")
 QUANT_WEIGHT_MODES = ("dequantize", "packed")
+WEIGHT_QUANT = ("none", "int8", "int4")
+WEIGHT_QUANT_GROUP_SIZES = (32, 64, 128, 256)
 PLACEHOLDER_PREFIX = "/path/to/"
 
 
@@ -52,6 +54,9 @@ SCHEMA = Section(
                 "tokenizer_mode": Field(str, default="default", choices=TOKENIZER_MODES),
                 # A quantized checkpoint's weights: dequantized once at load, or kept packed (mxfp4 experts).
                 "quant_weight_mode": Field(str, default="dequantize", choices=QUANT_WEIGHT_MODES),
+                # Float linear weights quantized at load, after the TP split (core/quantization/low_bit.py; CPU).
+                "weight_quant": Field(str, default="none", choices=WEIGHT_QUANT),
+                "weight_quant_group_size": Field(int, default=32, choices=WEIGHT_QUANT_GROUP_SIZES),
                 "device": Field(str, default="auto", choices=DEVICES),
                 "seed": Field(int, default=42, minimum=0),
                 "custom_params": Field(dict, default={}),

@@ -94,9 +94,14 @@ def _fill_packed(target: PackedWeight, name: str, sources: list[str], checkpoint
     """Keep the stored pieces of exactly the rows the replaced parameter's loader would read."""
     with quantized.reading("collect") as pieces:
         _fill(_shape_only(target), name, sources, checkpoint, presplit)
-    if len(pieces) != 1:
-        raise CheckpointError(f"packed weight '{name}' is read from {len(pieces)} quantized tensors; it can keep one")
-    target.store(join_pieces(next(iter(pieces.values()))))
+    if not pieces:
+        raise CheckpointError(f"packed weight '{name}' is not stored quantized in the checkpoint")
+    # Merged siblings (q|k|v, gate|up) were read one after the other: their rows stack in that order.
+    joined = [join_pieces(parts) for parts in pieces.values()]
+    if any(part.keys() != joined[0].keys() for part in joined):
+        raise CheckpointError(f"packed weight '{name}' is merged from tensors quantized in different forms: "
+                              f"{', '.join(pieces)}")
+    target.store({role: torch.cat([part[role] for part in joined]) for role in joined[0]})
 
 
 def _tp_degree(model: torch.nn.Module, name: str, target) -> str:

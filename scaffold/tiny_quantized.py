@@ -180,3 +180,36 @@ def write_dequantized_reference(quantized_dir: Path, out_dir: Path) -> Path:
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+def write_low_bit_reference(checkpoint: Path, out_dir: Path, scheme: str, group: int = 32) -> Path:
+    """`checkpoint` with every linear weight the int4 / int8 CPU kernels can run replaced by the float weight those
+    kernels multiply by (`model_config.weight_quant` quantizes the same way at load): HF eager's reference for a
+    low-bit port. A tied LM head is untied, since the port quantizes the head but gathers embeddings in float."""
+    from core.quantization.low_bit import (
+        int4_groups_fit,
+        int4_terms_as_float,
+        int8_as_float,
+        quantize_int4,
+        quantize_int8,
+    )
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is embedding.weight:
+        head.weight = torch.nn.Parameter(embedding.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            weight = module.weight
+            if scheme == "int8":
+                weight.copy_(int8_as_float(quantize_int8(weight)))
+            elif int4_groups_fit(weight.shape, group) is None:
+                weight.copy_(int4_terms_as_float(quantize_int4(weight, group), group))
+    model.save_pretrained(out_dir)
+    for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (checkpoint / extra).exists() and not (out_dir / extra).exists():
+            (out_dir / extra).write_bytes((checkpoint / extra).read_bytes())
+    return out_dir

@@ -215,7 +215,7 @@ CASES = [
     Case("unsupported quantization", "infer",
          damaged(lambda f: edit_config(quantization_config={"quant_method": "awq", "bits": 4})(f)
                  or (f / "model.safetensors").write_bytes(b"\x00" * 7)),
-         "quantization 'awq'", "supported: fp8, mxfp4"),
+         "quantization 'awq'", "supported: fp8, int_groups, mxfp4"),
     Case("truncated mxfp4 scales", "infer",
          quantized("mxfp4", edit_weights(lambda w: w.update({SCALES: w[SCALES][:, :-1].contiguous()}))),
          f"mxfp4 scales '{SCALES}' have shape [4, 127, 2]", "need [4, 128, 2]"),

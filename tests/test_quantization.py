@@ -84,7 +84,7 @@ def test_mxfp4_collect_mode_keeps_the_stored_pieces(tmp_path):
 
 
 def test_unknown_method_names_the_supported_ones(tmp_path):
-    with pytest.raises(CheckpointError, match=r"quantization 'gptq'.*supported: fp8, mxfp4"):
+    with pytest.raises(CheckpointError, match=r"quantization 'gptq'.*supported: fp8, int_groups, mxfp4"):
         quantization_method({"quant_method": "gptq"}, "dequantize", tmp_path / "config.json")
 
 

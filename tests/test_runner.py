@@ -99,7 +99,7 @@ def test_unsupported_quantization_rejected(checkpoint_copy):
     config = json.loads(config_path.read_text())
     config["quantization_config"] = {"quant_method": "awq", "bits": 4}
     config_path.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"quantization 'awq'.*supported: fp8, mxfp4"):
+    with pytest.raises(CheckpointError, match=r"quantization 'awq'.*supported: fp8, int_groups, mxfp4"):
         generate(checkpoint_copy)
 
 

@@ -16,6 +16,14 @@ from core.errors import CheckpointError
 from core.layers.partition import Segment, split_evenly, split_heads, take, tensor_shape
 
 
+def local_linear(x: torch.Tensor, weight: torch.Tensor | nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weightᵀ (+ bias); a low-bit weight (core.quantization.low_bit) is a module that does the product itself."""
+    if isinstance(weight, nn.Module):
+        output = weight(x)
+        return output if bias is None else output + bias
+    return F.linear(x, weight, bias)
+
+
 class SegmentedColumnLinear(nn.Linear):
     """A column-parallel linear whose output is one or more segments (q|k|v, gate|up), each split on its own.
 
@@ -37,6 +45,9 @@ class SegmentedColumnLinear(nn.Linear):
             if checkpoint_names is not None:
                 # Segment i is stored as its own layer, a sibling of this one: `<parent>.<name_i>.<leaf>`.
                 param.merged_from = [f"{name}.{leaf}" for name in checkpoint_names]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return local_linear(x, self.weight, self.bias)
 
     @property
     def split_sizes(self) -> list[int]:
@@ -141,8 +152,8 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_group.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        output = self.tp_group.all_reduce(F.linear(x, self.weight))
+            return local_linear(x, self.weight, self.bias)
+        output = self.tp_group.all_reduce(local_linear(x, self.weight))
         return output if self.bias is None else output + self.bias
 
 

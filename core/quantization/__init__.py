@@ -9,9 +9,12 @@ from core.errors import CheckpointError
 from core.quantization.base import BlockSplitError, PackedWeight, QuantizationMethod, QuantizedSlice
 from core.quantization.checkpoint import QuantizedCheckpoint
 from core.quantization.fp8 import Fp8Method
+from core.quantization.int_groups import IntGroupsMethod
 from core.quantization.mxfp4 import Mxfp4Method
 
-METHODS: dict[str, type[QuantizationMethod]] = {method.name: method for method in (Fp8Method, Mxfp4Method)}
+METHODS: dict[str, type[QuantizationMethod]] = {
+    method.name: method for method in (Fp8Method, IntGroupsMethod, Mxfp4Method)
+}
 
 __all__ = [
     "METHODS",

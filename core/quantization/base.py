@@ -101,6 +101,8 @@ class PackedWeight(nn.Module):
         self.compute_dtype = replaced.dtype
         self.local_shape = tuple(replaced.shape)
         self.replaced_loader = getattr(replaced, "weight_loader", None)
+        if hasattr(replaced, "merged_from"):
+            self.merged_from = replaced.merged_from
 
     def store(self, parts: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError

@@ -27,7 +27,7 @@ from core.errors import CheckpointError, SettingsError
 from core.kv_cache import StaticKVCache
 from core.layers import check_partitions
 from core.quantization import QuantizationMethod, QuantizedCheckpoint, declared_quantization, quantization_method
-from core.quantization.low_bit import quantize_linears
+from core.quantization.low_bit import LowBitWeight, linear_layers, quantize_linears
 from core.safetensors_reader import SafetensorsCheckpoint
 from core.sampling import Sampler, SamplingParams, resolve_sampling, seen_tokens
 from core.settings import is_placeholder_path, validate_runner_settings
@@ -249,8 +249,9 @@ class ModelRunner:
     def graph_compile(self) -> None:
         """Prefill and decode get their own compiled callables: decode has one fixed shape for every step;
         prefill is padded to a few bucket lengths (see `prefill_length`), one graph each."""
-        self.prefill_forward = self.backend.compile(self.model.forward, self.exe_mode)
-        self.decode_forward = self.backend.compile(self.model.forward, self.exe_mode)
+        float_matmuls = not any(isinstance(layer.weight, LowBitWeight) for _, layer in linear_layers(self.model))
+        self.prefill_forward = self.backend.compile(self.model.forward, self.exe_mode, float_matmuls)
+        self.decode_forward = self.backend.compile(self.model.forward, self.exe_mode, float_matmuls)
 
     def _parse_quant_hf_config(self, config: PreTrainedConfig) -> dict[str, Any] | None:
         """The checkpoint's `quantization_config` (quant_method and the method's settings), or None."""

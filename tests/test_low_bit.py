@@ -96,3 +96,19 @@ def test_gguf_q4_1_kept_runs_its_own_codes_and_answers_paris(smollm2, smollm2_ke
     runner.init_model()
     answer = runner.model_generate([[{"role": "user", "content": "What is the capital of France?"}]]).outputs[0]
     assert "Paris" in answer, answer
+
+
+def test_int4_in_inductor_matches_the_reference_with_one_decode_graph(tiny_llama, tmp_path, measurements):
+    """Low-bit graphs compile without freezing, so inductor's FX-graph cache can serve the next process."""
+    from torch._dynamo.utils import counters
+
+    reference = write_low_bit_reference(tiny_llama, tmp_path / "reference", "int4")
+    counters.clear()
+    report = verify_port(LlamaRunner, tiny_llama, tolerance=1.0, exe_mode="inductor", reference_checkpoint=reference,
+                         settings_overrides={"model_config": {"dtype": "float32", "weight_quant": "int4"}})
+    measurements.append(f"llama weight_quant int4 inductor: {describe(report)}; "
+                        f"{report.recompiles_after_warmup} recompiles after warm-up")
+    assert_differs_only_at_near_ties(report)
+    assert report.max_abs_logit_diff < 0.1
+    assert report.recompiles_after_warmup == 0
+    assert "fxgraph_cache_bypass" not in counters["inductor"]

@@ -36,15 +36,16 @@ class DeviceBackend:
     def cast_weight_format(self, module: torch.nn.Module) -> None:
         """Convert weights to the device's preferred layout (NZ on Ascend); the generic layout elsewhere."""
 
-    def compile(self, forward: Callable, exe_mode: str) -> Callable:
-        """Wrap a model forward for `exe_mode`; eager returns it unchanged."""
+    def compile(self, forward: Callable, exe_mode: str, float_matmuls: bool = True) -> Callable:
+        """Wrap a model forward for `exe_mode`; eager returns it unchanged. float_matmuls: the linear layers
+        multiply by float weights (False when they run low-bit kernels, see core.quantization.low_bit)."""
         if exe_mode == "eager":
             return forward
         # Prefill buckets and the decode step are separate graphs of the same forward: room for all of them.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, MAX_GRAPHS_PER_FORWARD)
-        return self._compile_graph(forward, exe_mode)
+        return self._compile_graph(forward, exe_mode, float_matmuls)
 
-    def _compile_graph(self, forward: Callable, exe_mode: str) -> Callable:
+    def _compile_graph(self, forward: Callable, exe_mode: str, float_matmuls: bool) -> Callable:
         raise NotImplementedError(f"{self.name} has no graph mode {exe_mode}")
 
     def profiler(self, trace_dir: Path) -> contextlib.AbstractContextManager:

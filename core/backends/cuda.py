@@ -26,7 +26,7 @@ class CudaBackend(DeviceBackend):
         torch.manual_seed(seed)
         torch.cuda.manual_seed_all(seed)
 
-    def _compile_graph(self, forward: Callable, exe_mode: str) -> Callable:
+    def _compile_graph(self, forward: Callable, exe_mode: str, float_matmuls: bool) -> Callable:
         mode = "reduce-overhead" if exe_mode == "cuda_graph" else None
         return torch.compile(forward, backend="inductor", mode=mode, dynamic=False)
 

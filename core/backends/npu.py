@@ -39,7 +39,7 @@ class NpuBackend(DeviceBackend):
             if isinstance(submodule, torch.nn.Linear):
                 submodule.weight.data = torch_npu.npu_format_cast(submodule.weight.data, ACL_FORMAT_FRACTAL_NZ)
 
-    def _compile_graph(self, forward: Callable, exe_mode: str) -> Callable:
+    def _compile_graph(self, forward: Callable, exe_mode: str, float_matmuls: bool) -> Callable:
         compiler_config = torchair.CompilerConfig()
         compiler_config.experimental_config.frozen_parameter = True
         if exe_mode == "acl_graph":

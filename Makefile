@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEMO := build/demo
-SMOLLM2 := build/checkpoints/SmolLM2-135M-Instruct
+SMOLLM2 := build/checkpoints/SmolLM2-135M-Instruct-q4_1
 # The committed ports are generated from this transformers release; the tests also prove the other supported ones.
 PINNED_TRANSFORMERS := 5.23.0
 RELEASES := build/.transformers-releases
@@ -26,7 +26,8 @@ $(INSTALLED): pyproject.toml Makefile
 
 demo: $(INSTALLED)
 	$(BIN)/recipes-scaffold llama --from transformers --out $(DEMO) --force
-	$(BIN)/recipes-scaffold import-gguf smollm2 --out $(SMOLLM2)
+	$(BIN)/recipes-scaffold import-gguf smollm2 --out $(SMOLLM2) --keep-quantized
+	@echo "demo configuration: the GGUF's own Q4_1 codes, int4 CPU kernel, bfloat16, eager (examples/smollm2_chat.yaml)"
 	cd $(DEMO) && ../../$(BIN)/python -m generated_models.llama.infer --config ../../examples/smollm2_chat.yaml \
 		--model-path ../../$(SMOLLM2) --output-json results/smollm2.json --prompt "What is the capital of France?"
 

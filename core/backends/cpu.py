@@ -38,7 +38,8 @@ class CpuBackend(DeviceBackend):
 
         @functools.wraps(forward)
         def run_frozen(*args, **kwargs):
-            with torch._inductor.config.patch(freezing=True, autotune_num_choices_displayed=0):
+            with torch._inductor.config.patch(freezing=True, autotune_num_choices_displayed=0,
+                                              max_autotune_report_choices_stats=False):
                 return compiled(*args, **kwargs)
 
         return run_frozen

@@ -21,8 +21,7 @@ import torch
 
 from core.cli import exit_on_user_error
 from core.errors import CheckpointError
-from core.gguf_blocks import KEPT_TYPES
-from core.gguf_blocks import keep_quantized as keep_gguf_blocks
+from core.gguf_blocks import KEPT_TYPES, write_kept_checkpoint
 
 STAMP_FILE = "gguf_source.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,7 +73,7 @@ def _check_gguf(gguf_file: Path) -> None:
             raise CheckpointError(f"{gguf_file} is not a GGUF file (its first bytes are not 'GGUF')")
 
 
-def _convert(gguf_file: Path, staging: Path, dtype: str) -> torch.nn.Module:
+def _convert(gguf_file: Path, staging: Path, dtype: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_file.parent), gguf_file.name
@@ -90,7 +89,6 @@ def _convert(gguf_file: Path, staging: Path, dtype: str) -> torch.nn.Module:
     model.save_pretrained(staging)
     model.generation_config.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    return model
 
 
 def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float32",
@@ -114,9 +112,10 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
     # Converted into a sibling folder and renamed at the end: an interrupted import leaves no half checkpoint.
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model = _convert(gguf_file, staging, dtype)
         if keep_quantized:
-            keep_gguf_blocks(gguf_file, staging, model)
+            write_kept_checkpoint(gguf_file, staging, DTYPES[dtype])
+        else:
+            _convert(gguf_file, staging, dtype)
         (staging / STAMP_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
         if out_dir.exists():
             out_dir.rmdir()

@@ -174,10 +174,10 @@ def _validate_value(spec: Field, value: Any, name: str, source: str) -> Any:
                 raise SettingsError(f"{source}: every item of '{name}' must be {TYPE_NAMES[spec.item_kind]}, "
                                     f"got {item!r} ({type(item).__name__})")
     if spec.choices and value not in spec.choices:
-        close = difflib.get_close_matches(value, spec.choices, n=1)
+        close = difflib.get_close_matches(str(value), [str(choice) for choice in spec.choices], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise SettingsError(
-            f"{source}: '{name}' is {value!r}{hint} (allowed: {', '.join(spec.choices)})"
+            f"{source}: '{name}' is {value!r}{hint} (allowed: {', '.join(map(str, spec.choices))})"
         )
     if spec.minimum is not None and value < spec.minimum:
         raise SettingsError(f"{source}: '{name}' must be at least {spec.minimum}, got {value}")

@@ -20,6 +20,9 @@ TP3 = {f"{group}_size": 3 for group in ("attn_tp", "moe_tp", "lmhead_tp", "embed
 TP2 = {f"{group}_size": 2 for group in ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")}
 
 
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight_codes"
+
+
 def settings(model_path, **changes):
     base = {"model_name": "gpt_oss", "model_path": str(model_path), "model_config": {"dtype": "float32"},
             "data_config": {"input_max_len": 32, "max_new_tokens": 4}}
@@ -216,6 +219,17 @@ CASES = [
          damaged(lambda f: edit_config(quantization_config={"quant_method": "awq", "bits": 4})(f)
                  or (f / "model.safetensors").write_bytes(b"\x00" * 7)),
          "quantization 'awq'", "supported: fp8, int_groups, mxfp4"),
+    Case("weight_quant group size the kernel lacks", "infer",
+         infer_with(lambda c: settings(c, model_config={"dtype": "float32", "weight_quant": "int4",
+                                                        "weight_quant_group_size": 48})),
+         "weight_quant_group_size", "48", "32, 64, 128, 256"),
+    Case("int_groups codes of the wrong width", "infer",
+         damaged(lambda f: (edit_config(quantization_config={"quant_method": "int_groups", "group_size": 32})(f),
+                            edit_weights(lambda w: w.update({
+                                Q_PROJ: torch.zeros(64, 8, dtype=torch.uint8),
+                                Q_PROJ.replace("codes", "scales"): torch.ones(64, 2, dtype=torch.float16),
+                                Q_PROJ.replace("codes", "mins"): torch.zeros(64, 2, dtype=torch.float16)}))(f))),
+         f"int_groups codes '{Q_PROJ}'", "must be uint8 [64, 32]"),
     Case("truncated mxfp4 scales", "infer",
          quantized("mxfp4", edit_weights(lambda w: w.update({SCALES: w[SCALES][:, :-1].contiguous()}))),
          f"mxfp4 scales '{SCALES}' have shape [4, 127, 2]", "need [4, 128, 2]"),

@@ -32,7 +32,7 @@ def default_weight_loader(param: torch.Tensor, checkpoint_slice, name: str) -> N
     param.data.copy_(checkpoint_slice[:])
 
 
-def checkpoint_sources(name: str, target, presplit: bool, checkpoint: ModelNamedCheckpoint) -> list[str]:
+def _sources(name: str, target, presplit: bool, checkpoint: ModelNamedCheckpoint) -> list[str]:
     """The checkpoint tensors a parameter is read from: its own name, or — for a layer merged from sibling layers
     (q|k|v stored as q_proj, k_proj, v_proj) — each sibling's, unless an offline split already saved it merged."""
     merged_from = getattr(target, "merged_from", None)
@@ -148,7 +148,7 @@ def load_checkpoint_into(
     if isinstance(checkpoint, QuantizedCheckpoint):
         checkpoint.method.pack(model, named)
     targets = checkpoint_targets(model)
-    sources = {name: checkpoint_sources(name, target, presplit, named) for name, target in targets.items()}
+    sources = {name: _sources(name, target, presplit, named) for name, target in targets.items()}
     missing = [source for names in sources.values() for source in names if source not in named]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

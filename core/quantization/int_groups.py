@@ -130,10 +130,10 @@ class IntGroupsMethod(QuantizationMethod):
         """Linear layers whose stored weight fits the CPU kernel keep their codes; the rest dequantize."""
         if self.weight_mode != "packed":
             return
-        from core.weights import checkpoint_sources  # core.weights reads checkpoints through this package
-
         for name, layer in linear_layers(model):
-            sources = checkpoint_sources(f"{name}.weight", layer.weight, False, checkpoint)
+            merged_from = getattr(layer.weight, "merged_from", None)
+            sources = [f"{name}.weight"] if merged_from is None else [f"{name.rpartition('.')[0]}.{sibling}"
+                                                                       for sibling in merged_from]
             stored = [checkpoint.get_slice(source) if source in checkpoint else None for source in sources]
             bits = {slice_.bits if isinstance(slice_, IntGroupSlice) else None for slice_ in stored}
             if len(bits) == 1 and None not in bits and int4_groups_fit(layer.weight.shape, self.group) is None:

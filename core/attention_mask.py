@@ -36,8 +36,17 @@ def causal_masks(attention_mask: torch.Tensor, query_slots: torch.Tensor, dtype:
 
 
 # Layer types whose attention is plain causal: DeepSeek V3.2's indexed (sparse) attention applies its own top-k
-# selection on top of the causal mask.
-CAUSAL_LAYER_TYPES = {"full_attention": "full_attention", "indexed_attention": "full_attention"}
+# selection on top of the causal mask; Falcon-H1's and Inkling's hybrid layers run attention beside a mixer.
+CAUSAL_LAYER_TYPES = {"full_attention": "full_attention", "indexed_attention": "full_attention",
+                      "hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}
+# Layers with a recurrent state instead of keys and values (Gated DeltaNet, Mamba, LFM2's short convolutions) take
+# HF's 2-D padding mask of the new tokens: they zero the padding's inputs so it never reaches their state.
+RECURRENT_LAYER_TYPES = ("linear_attention", "conv", "mamba", "recurrent")
+
+
+def recurrent_mask(attention_mask: torch.Tensor, query_slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[batch, queries]: 1 where the new token is real, 0 where it is padding."""
+    return attention_mask[:, query_slots].to(dtype)
 
 
 def masks_for_model(config: PreTrainedConfig, attention_mask: torch.Tensor, query_slots: torch.Tensor,
@@ -47,15 +56,25 @@ def masks_for_model(config: PreTrainedConfig, attention_mask: torch.Tensor, quer
     config sets a window (and does not switch it off with `use_sliding_window`), as HF's Mistral does."""
     layer_types = getattr(config, "layer_types", None)
     sliding_window = getattr(config, "sliding_window", None)
+    if layer_types and set(layer_types) <= set(RECURRENT_LAYER_TYPES):
+        # No layer attends (Mamba, Mamba2): the model takes the padding mask itself, as HF's generate passes it.
+        return recurrent_mask(attention_mask, query_slots, dtype)
     if not layer_types:
         if sliding_window is not None and getattr(config, "use_sliding_window", True):
             return causal_masks(attention_mask, query_slots, dtype, sliding_window)["sliding_attention"]
         return causal_masks(attention_mask, query_slots, dtype)["full_attention"]
+    kinds = {CAUSAL_LAYER_TYPES.get(layer_type, layer_type) for layer_type in layer_types}
     masks = causal_masks(attention_mask, query_slots, dtype,
-                         sliding_window if "sliding_attention" in layer_types else None,
-                         getattr(config, "attention_chunk_size", None) if "chunked_attention" in layer_types else None)
-    unknown = set(layer_types) - set(masks) - set(CAUSAL_LAYER_TYPES)
+                         sliding_window if "sliding_attention" in kinds else None,
+                         getattr(config, "attention_chunk_size", None) if "chunked_attention" in kinds else None)
+    unknown = set(layer_types) - set(masks) - set(CAUSAL_LAYER_TYPES) - set(RECURRENT_LAYER_TYPES)
     if unknown:
         raise ValueError(f"config.layer_types has {sorted(unknown)}; the static-cache masks cover "
-                         f"{sorted(set(masks) | set(CAUSAL_LAYER_TYPES))}")
-    return {layer_type: masks[CAUSAL_LAYER_TYPES.get(layer_type, layer_type)] for layer_type in set(layer_types)}
+                         f"{sorted(set(masks) | set(CAUSAL_LAYER_TYPES) | set(RECURRENT_LAYER_TYPES))}")
+    by_type = {layer_type: masks[CAUSAL_LAYER_TYPES.get(layer_type, layer_type)]
+               for layer_type in set(layer_types) - set(RECURRENT_LAYER_TYPES)}
+    if set(layer_types) & {*RECURRENT_LAYER_TYPES, "hybrid", "hybrid_sliding"}:
+        # Hybrid models look their mixers' mask up by HF's own keys, whatever their layer types are called.
+        padding = recurrent_mask(attention_mask, query_slots, dtype)
+        by_type.update(dict.fromkeys(RECURRENT_LAYER_TYPES, padding), full_attention=masks["full_attention"])
+    return by_type

@@ -87,6 +87,20 @@ def _module_list_number(pattern: str, key: str) -> int:
     return int(match.group(1)) if match and match.groups() else 0
 
 
+# A multimodal checkpoint's text causal LM under its composite model: transformers 5's layout, then the older one.
+TEXT_TOWER_RENAMES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                      ("language_model.lm_head.", "lm_head."))
+TEXT_TOWER_PREFIXES = tuple(prefix for prefix, _ in TEXT_TOWER_RENAMES)
+
+
+def _text_tower_name(name: str) -> str:
+    """`name` as the text-only causal LM calls it (its vision and audio towers' tensors keep theirs, unused)."""
+    for prefix, replacement in TEXT_TOWER_RENAMES:
+        if name.startswith(prefix):
+            return replacement + name[len(prefix):]
+    return name
+
+
 class ModelNamedCheckpoint:
     """A checkpoint's tensors under the names the model gives them. A name the checkpoint holds is read as it is;
     otherwise transformers' conversion mapping (`transformers/conversion_mapping.py`) for the model may derive it,
@@ -101,11 +115,13 @@ class ModelNamedCheckpoint:
         self.renamed: dict[str, str] = {}
         # model name → (converter, {source pattern: {expert number: checkpoint name}})
         self.converted: dict[str, tuple[WeightConverter, dict[str, dict[int, str]]]] = {}
-        for name in checkpoint.names() if transforms else ():
+        names = checkpoint.names()
+        composite = any(name.startswith(TEXT_TOWER_PREFIXES) for name in names)
+        for name in names if transforms or composite else ():
             self._add(name, transforms)
 
     def _add(self, name: str, transforms: list) -> None:
-        key = name
+        key = _text_tower_name(name)
         for transform in transforms:
             renamed, pattern = transform.rename_source_key(key)
             if pattern is not None and isinstance(transform, WeightConverter):

@@ -8,6 +8,7 @@ first write must happen eagerly, outside any compiled graph: graph modes run one
 The runner says which slots this step writes (`write_slots`, a tensor, so one compiled decode graph serves every
 step); attention masks, not the buffers, decide what each query sees (causal, sliding window, padding), so
 sliding-window layers keep full-length buffers too: simple, static shapes, at the cost of memory beyond the window.
+Linear-attention and state-space layers keep their conv and recurrent states beside (core.recurrent_state).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedConfig
 
+from core.recurrent_state import RecurrentStates, RecurrentStatesRow
 
-class StaticKVCache:
+
+class StaticKVCache(RecurrentStates):
     is_compileable = True
 
     def __init__(self, num_layers: int, max_len: int, device: torch.device, batch_size: int | None = None):
@@ -27,6 +30,7 @@ class StaticKVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.indexer_keys: list[torch.Tensor | None] = [None] * num_layers
         self.write_slots = torch.zeros(1, dtype=torch.long, device=device)
+        self._init_recurrent_states()
 
     @classmethod
     def for_model(cls, config: PreTrainedConfig, max_len: int, device: torch.device,
@@ -46,7 +50,7 @@ class StaticKVCache:
 
     @property
     def allocated(self) -> bool:
-        return any(keys is not None for keys in self.keys)
+        return any(keys is not None for keys in self.keys) or self.has_recurrent_states
 
     def set_write_slots(self, slots: torch.Tensor) -> None:
         """The cache slots the next forward's tokens go to (the same for every row of a left-padded batch)."""
@@ -105,6 +109,24 @@ class CacheRow(StaticKVCache):
         self.cache, self.index = cache, index
         self.max_len, self.batch_size = cache.max_len, cache.batch_size
         self.write_slots = cache.write_slots
+        self.row_states = RecurrentStatesRow(cache, index)
+
+    def begin_prompt(self) -> None:
+        """A row's prefill never reads the batch's states (RecurrentStatesRow), so there is nothing to reset."""
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> None:
+        return self.row_states.get_conv_state(layer_idx, state_idx)
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> None:
+        return self.row_states.get_recurrent_state(layer_idx, state_idx)
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                          conv_kernel_size: int | None = None, **kwargs) -> torch.Tensor:
+        return self.row_states.update_conv_state(conv_states, layer_idx, state_idx, conv_kernel_size)
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                               **kwargs) -> torch.Tensor:
+        return self.row_states.update_recurrent_state(recurrent_states, layer_idx, state_idx)
 
     @property
     def allocated(self) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import AutoTokenizer, PreTrainedConfig
+from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
 from transformers.initialization import no_init_weights
 
 from core.backends import select_backend
@@ -72,11 +72,26 @@ def read_hf_config(model_path: Path, config_class: type[PreTrainedConfig]) -> Pr
         model_type = json.loads(config_file.read_text()).get("model_type")
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_file} is not valid JSON: {error}") from None
-    if model_type != config_class.model_type:
+    if model_type == config_class.model_type:
+        return config_class.from_pretrained(model_path)
+    text_config = _composite_text_config(model_path, model_type)
+    if text_config is None or text_config.model_type != config_class.model_type:
         raise CheckpointError(
             f"{config_file} describes a '{model_type}' model but this port is for '{config_class.model_type}'"
         )
-    return config_class.from_pretrained(model_path)
+    logger.info("%s is a composite '%s' checkpoint: the port runs its '%s' text model", model_path, model_type,
+                text_config.model_type)
+    return config_class.from_dict(text_config.to_dict())
+
+
+def _composite_text_config(model_path: Path, model_type: str | None) -> PreTrainedConfig | None:
+    """The text config inside a multimodal checkpoint's composite config (Gemma 3's, Qwen3.5's, Llama 4's)."""
+    try:
+        composite = AutoConfig.from_pretrained(model_path)
+    except (ValueError, KeyError):
+        return None
+    text_config = composite.get_text_config(decoder=True)
+    return None if text_config is composite else text_config
 
 
 class ModelRunner:
@@ -328,6 +343,7 @@ class ModelRunner:
             input_ids = torch.nn.functional.pad(input_ids, (extra, 0), value=self.tokenizer.pad_token_id)
             prompt_mask = torch.nn.functional.pad(prompt_mask, (extra, 0), value=0)
         cache = self.kv_cache_for(input_ids.shape[0])
+        cache.begin_prompt()
         attention_mask = torch.zeros(input_ids.shape[0], cache.max_len, dtype=torch.long, device=self.device)
         attention_mask[:, :length] = prompt_mask
         position_ids = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
@@ -368,6 +384,7 @@ class ModelRunner:
             if self.exe_mode != "eager" and cache is not None and not cache.allocated:
                 # The cache's buffers take their shapes from their first write, which no graph may trace.
                 self.model(**model_inputs)
+                cache.begin_prompt()  # that pass advanced the recurrent states: the graph's prefill starts afresh
             outputs = forward(**model_inputs)
         return outputs.logits[:, -1, :]
 

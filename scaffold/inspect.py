@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass, field
 
 import libcst as cst
@@ -13,6 +14,8 @@ from scaffold.locate import ModelSource
 
 # Conv1D (GPT-2's transposed linear) is recorded so that the planner reports it: the parallel layers cannot split
 # its [in, out] weight, so it is replicated.
+# How causal-LM classes end: GPT2LMHeadModel, XLMWithLMHeadModel, ReformerModelWithLMHead, BertGenerationDecoder.
+CAUSAL_LM_SUFFIX = re.compile(r"(ForCausalLM|(Model)?WithLMHead(Model)?|LMHeadModel|Decoder)$")
 WEIGHT_CONSTRUCTORS = {"Linear": "linear", "Embedding": "embedding", "Parameter": "parameter", "Conv1D": "conv1d"}
 
 
@@ -77,7 +80,7 @@ class ModelSpec:
 
     @property
     def camel_name(self) -> str:
-        return self.causal_lm_class.removesuffix("ForCausalLM")
+        return CAUSAL_LM_SUFFIX.sub("", self.causal_lm_class) or self.causal_lm_class
 
     def classes_taking_config(self) -> list[str]:
         return [name for name, spec in self.classes.items() if spec.takes_config]
@@ -279,6 +282,10 @@ def inspect_model(source: ModelSource) -> ModelSpec:
     collector = _ClassCollector(modeling)
     modeling.visit(collector)
     causal_lms = [name for name in collector.classes if name.endswith("ForCausalLM")]
+    if len(causal_lms) != 1 and source.causal_lm_class in collector.classes:
+        # No single *ForCausalLM: the class the auto mapping names (GPT2LMHeadModel, BertLMHeadModel, …). A
+        # multimodal file's *ForCausalLM is its text tower, preferred to the composite model the mapping names.
+        causal_lms = [source.causal_lm_class]
     if len(causal_lms) != 1:
         found = ", ".join(causal_lms) or "none"
         raise ScaffoldError(

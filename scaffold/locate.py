@@ -3,9 +3,13 @@ model_type lives in another model's folder)."""
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
 import importlib.metadata
 import importlib.util
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +28,8 @@ class ModelSource:
     transformers_version: str
     origin: str
     copy_configuration: bool = False
+    # The causal-LM class transformers' auto mapping (or a folder's auto_map) names, when one does.
+    causal_lm_class: str | None = None
 
     @property
     def display_modeling(self) -> str:
@@ -67,21 +73,56 @@ def _folder_name(models_dir: Path, name: str) -> str:
     return model_type_to_module_name(name)
 
 
+@functools.cache
+def auto_causal_lm_classes(models_dir: Path) -> dict[str, str]:
+    """model_type → the class AutoModelForCausalLM builds, read from transformers' auto mapping as text."""
+    tree = ast.parse((models_dir / "auto" / "modeling_auto.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id == "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
+            return dict(ast.literal_eval(node.value.args[0]))
+    return {}
+
+
+def _auto_causal_lm(models_dir: Path, name: str) -> str | None:
+    classes = auto_causal_lm_classes(models_dir)
+    return classes.get(name) or classes.get(name.replace("_", "-"))
+
+
+def _file_defining(models_dir: Path, class_name: str) -> Path | None:
+    """The modeling file that defines `class_name` (gpt-sw3's GPT2LMHeadModel is gpt2's)."""
+    pattern = re.compile(rf"^class {re.escape(class_name)}\(", re.MULTILINE)
+    for path in sorted(models_dir.glob("*/modeling_*.py")):
+        if pattern.search(path.read_text(encoding="utf-8")):
+            return path
+    return None
+
+
+def _defines(path: Path, class_name: str) -> bool:
+    return path.is_file() and re.search(rf"^class {re.escape(class_name)}\(", path.read_text(encoding="utf-8"),
+                                        re.MULTILINE) is not None
+
+
 def locate_transformers_model(name: str) -> ModelSource:
     models_dir = transformers_models_dir()
     version = importlib.metadata.version("transformers")
     folder_name = _folder_name(models_dir, name)
     folder = models_dir / folder_name
     modeling = folder / f"modeling_{folder_name}.py"
-    configuration = folder / f"configuration_{folder_name}.py"
+    causal_lm = _auto_causal_lm(models_dir, name)
+    if causal_lm and not _defines(modeling, causal_lm):
+        # The class lives in another file: a variant's own (data2vec-text) or the model it reuses (gpt-sw3's gpt2).
+        modeling = _file_defining(models_dir, causal_lm) or modeling
+        folder = modeling.parent
+    configuration = folder / modeling.name.replace("modeling_", "configuration_", 1)
     if not modeling.is_file():
         close = difflib.get_close_matches(name, causal_lm_models(models_dir), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; the causal LMs are the folders of {models_dir}"
         raise ScaffoldError(f"transformers {version} has no model named '{name}'{hint}")
     if not configuration.is_file():
         raise ScaffoldError(f"transformers {version} ships {modeling.name} but no {configuration.name} for '{name}'")
-    return ModelSource(name, modeling, configuration, f"transformers.models.{folder_name}", version,
-                       f"transformers/models/{folder_name}")
+    return ModelSource(name.replace("-", "_"), modeling, configuration, f"transformers.models.{folder.name}",
+                       version, f"transformers/models/{folder.name}", causal_lm_class=causal_lm)
 
 
 def locate_folder_model(name: str, folder: Path) -> ModelSource:
@@ -103,4 +144,14 @@ def locate_folder_model(name: str, folder: Path) -> ModelSource:
         raise ScaffoldError(f"model name '{name}' must be a Python identifier (it names generated_models/{name})")
     version = importlib.metadata.version("transformers")
     return ModelSource(name, found["modeling"], found["configuration"], f"generated_models.{name}", version,
-                       folder.name, copy_configuration=True)
+                       folder.name, copy_configuration=True, causal_lm_class=_auto_map_causal_lm(folder))
+
+
+def _auto_map_causal_lm(folder: Path) -> str | None:
+    """The class config.json's `auto_map` names for AutoModelForCausalLM ("modeling_x.XLMHeadModel" → its name)."""
+    try:
+        auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    entry = auto_map.get("AutoModelForCausalLM") if isinstance(auto_map, dict) else None
+    return entry.rpartition(".")[2] if isinstance(entry, str) else None

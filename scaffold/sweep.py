@@ -1,6 +1,6 @@
 """`recipes-scaffold sweep`: try the generator on every causal LM of the installed transformers.
 
-For each model_type of HF's causal-LM auto mapping: locate its model folder, generate the port, build a tiny
+For each model_type of HF's causal-LM auto mapping: generate the port of the class the mapping names, build a tiny
 random checkpoint with HF's own class and prove the port against HF eager (TP=1, and TP=2 with `--tp 2`). The
 result is a table with a one-line reason for every architecture that is not exact, so that the generator's
 limitations can be ranked by how many architectures each one blocks.
@@ -59,6 +59,7 @@ class SweepRow:
     tp2_exact: bool | None = None
     seconds: float = 0.0
     reason: str = ""
+    layer_types: list[str] = dataclasses.field(default_factory=list)  # the kinds the tiny model's layers ran
 
 
 class StepFailed(Exception):
@@ -95,37 +96,11 @@ def select_architectures(only: list[str] | None) -> list[str]:
 # One architecture, in the child process
 
 
-def model_folder(model_type: str) -> str:
-    """The transformers/models/ folder the generator should port for `model_type`, or StepFailed saying why
-    the locator (which ports models/<folder>/modeling_<folder>.py) cannot."""
-    from transformers.models.auto.configuration_auto import model_type_to_module_name
-
-    from scaffold.locate import transformers_models_dir
-
-    folder = model_type_to_module_name(model_type)
-    models_dir = transformers_models_dir()
-    if (models_dir / folder / f"modeling_{folder}.py").is_file():
-        return folder
-    class_name = causal_lm_architectures()[model_type]
-    defined_in = _file_defining(models_dir, class_name)
-    where = f"{defined_in.relative_to(models_dir.parent)}" if defined_in else "no modeling file"
-    raise StepFailed(f"models/{folder}/modeling_{folder.split('.')[-1]}.py does not exist; "
-                     f"its causal LM {class_name} is in {where}")
-
-
-def _file_defining(models_dir: Path, class_name: str) -> Path | None:
-    pattern = re.compile(rf"^class {re.escape(class_name)}\(", re.MULTILINE)
-    for path in sorted(models_dir.glob("*/modeling_*.py")):
-        if pattern.search(path.read_text(encoding="utf-8")):
-            return path
-    return None
-
-
-def generate_port(folder: str, out_dir: Path) -> str:
-    """Generate the port of `folder` under `out_dir`; returns its runner as "module:Class"."""
+def generate_port(model_type: str, out_dir: Path) -> str:
+    """Generate the port of `model_type` under `out_dir`; returns its runner as "module:Class"."""
     from scaffold.pipeline import generate
 
-    return generate(folder, "transformers", out_dir).runner
+    return generate(model_type, "transformers", out_dir).runner
 
 
 def import_port(runner_path: str, model_type: str, out_dir: Path) -> type:
@@ -138,15 +113,33 @@ def import_port(runner_path: str, model_type: str, out_dir: Path) -> type:
                          f"{out_dir}; another generated_models package comes first on sys.path")
     runner_class = getattr(module, class_name)
     ported, expected = runner_class.model_class.__name__, causal_lm_architectures()[model_type]
-    if ported != expected:
+    if ported != expected and not ports_text_tower(runner_class, model_type):
         raise StepFailed(f"the port is {ported} but AutoModelForCausalLM builds {expected} for {model_type}")
     return runner_class
+
+
+def ports_text_tower(runner_class: type, model_type: str) -> bool:
+    """The port is the text causal LM of the multimodal model HF builds (Gemma3ForCausalLM inside
+    Gemma3ForConditionalGeneration): it runs that model's checkpoints, so it is proven against that model."""
+    from transformers import AutoConfig
+
+    composite = AutoConfig.for_model(model_type)
+    text_config = composite.get_text_config(decoder=True)
+    return text_config is not composite and text_config.model_type == runner_class.config_class.model_type
 
 
 def build_checkpoint(model_type: str, out_dir: Path) -> Path:
     from scaffold.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(model_type, out_dir)
+
+
+def exercised_layer_types(checkpoint: Path) -> list[str]:
+    """The distinct layer types of the tiny checkpoint's config (its text config's, for a composite one)."""
+    from transformers import AutoConfig
+
+    layer_types = getattr(AutoConfig.from_pretrained(checkpoint).get_text_config(), "layer_types", None)
+    return list(dict.fromkeys(map(str, layer_types))) if isinstance(layer_types, list) else []
 
 
 def verify_at_tp1(runner_class: type, checkpoint: Path) -> None:
@@ -204,15 +197,14 @@ def sweep_one(model_type: str, tp: int, workdir: Path) -> None:
     progress = ChildProgress(row, workdir / ROW_FILE)
     try:
         check_same_transformers()
-        progress.enter("locate")
-        folder = model_folder(model_type)
         progress.enter("generate")
-        runner_path = generate_port(folder, out_dir)
+        runner_path = generate_port(model_type, out_dir)
         row.generated = True
         progress.enter("import port")
         runner_class = import_port(runner_path, model_type, out_dir)
         progress.enter("checkpoint")
         checkpoint = build_checkpoint(model_type, workdir / "checkpoint")
+        row.layer_types = exercised_layer_types(checkpoint)
         progress.enter("verify TP=1")
         verify_at_tp1(runner_class, checkpoint)
         row.tp1_exact = True
@@ -459,7 +451,7 @@ def _verdict(row: SweepRow, tp: int) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Output: table, summary, JSON, markdown
 
-COLUMNS = ("architecture", "generated", "TP=1 exact", "TP=2 exact", "seconds", "reason")
+COLUMNS = ("architecture", "generated", "TP=1 exact", "TP=2 exact", "seconds", "layer types", "reason")
 
 
 def _yes_no(value: bool | None) -> str:
@@ -468,7 +460,7 @@ def _yes_no(value: bool | None) -> str:
 
 def table_cells(row: SweepRow) -> list[str]:
     return [row.architecture, _yes_no(row.generated), _yes_no(row.tp1_exact), _yes_no(row.tp2_exact),
-            f"{row.seconds:.1f}", row.reason]
+            f"{row.seconds:.1f}", ",".join(row.layer_types) or "-", row.reason]
 
 
 def text_table(rows: list[SweepRow]) -> str:

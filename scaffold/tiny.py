@@ -57,8 +57,28 @@ TINY_DIMENSIONS = {
     "sliding_window": 8,
     "attention_chunk_size": 8,
     "initializer_range": 0.1,
+    # Encoder-decoder families' causal LM is their decoder, sized by its own keys (BART, Marian, Whisper, TrOCR).
+    "d_model": 64,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    # BERT-style configs attend bidirectionally unless told they are a decoder, as their causal-LM class expects.
+    "is_decoder": True,
 }
+# Hybrids whose default config hides a layer kind from two layers: an attention layer comes first, so that the
+# linear one after it sees padding positions with non-zero inputs (the pad embedding row is zero) and a missing
+# padding mask would show.
 ARCHITECTURE_OVERRIDES: dict[str, dict] = {
+    "lfm2": {"layer_types": ["full_attention", "conv"]},
+    "lfm2_moe": {"layer_types": ["full_attention", "conv"]},
+    "granitemoehybrid": {"layer_types": ["full_attention", "linear_attention"]},
+    "bamba": {"attn_layer_indices": [0]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 0},
+    "recurrent_gemma": {"block_types": ["attention", "recurrent"]},
+    "mamba2": {"num_heads": 8},  # heads x head_dim must equal expand x hidden_size
     "gpt_oss": {"layer_types": ["sliding_attention", "full_attention"]},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # one entry per layer: 2 layers
     "gemma3_text": {"layer_types": ["sliding_attention", "full_attention"]},
@@ -85,7 +105,44 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def _settable(config: PreTrainedConfig, key: str) -> bool:
     """The config has `key` as a plain attribute, not a derived read-only property (Falcon's head_dim)."""
-    return hasattr(config, key) and not isinstance(getattr(type(config), key, None), property)
+    stored = getattr(config, "attribute_map", {}).get(key, key)  # Bamba's layer_types is its layers_block_type
+    return hasattr(config, key) and not isinstance(getattr(type(config), stored, None), property)
+
+
+# Layer kinds that keep a recurrent state instead of keys and values.
+RECURRENT_KINDS = ("linear_attention", "conv", "mamba", "recurrent")
+
+
+def _layer_kinds(defaults: PreTrainedConfig) -> dict:
+    """`layer_types` with one layer of every kind the full-size config has, attention kinds first, when the
+    default pattern's first two layers would miss one (Qwen3-Next's linear layers come three to a full one)."""
+    layer_types = getattr(defaults, "layer_types", None) if _settable(defaults, "layer_types") else None
+    if not isinstance(layer_types, list) or not layer_types:
+        return {}
+    kinds = sorted(dict.fromkeys(layer_types), key=lambda kind: kind in RECURRENT_KINDS)
+    if set(layer_types[:2]) == set(kinds):
+        return {}
+    return {"layer_types": kinds if len(kinds) > 1 else kinds * 2, "num_hidden_layers": max(2, len(kinds))}
+
+
+def _tiny_values(defaults: PreTrainedConfig, token_ids: dict, depth: int = 0) -> dict:
+    """The tiny dimensions `defaults` takes, its sub-configs' too (a multimodal checkpoint's text and vision towers),
+    and the tokenizer's ids wherever a config has a vocabulary."""
+    values = {key: value for key, value in TINY_DIMENSIONS.items() if _settable(defaults, key)}
+    if "qk_rope_head_dim" in values:
+        # Latent attention's rotary embedding spans only the rotated part of a head, and every head has its own
+        # key and value (expanded from the shared latent), so there are as many KV heads as query heads.
+        values["head_dim"] = values["qk_rope_head_dim"]
+        values["num_key_value_heads"] = values["num_attention_heads"]
+    values.update(_layer_kinds(defaults))
+    values.update(ARCHITECTURE_OVERRIDES.get(defaults.model_type, {}))
+    if hasattr(defaults, "vocab_size"):
+        values.update(token_ids)
+    for key in getattr(defaults, "sub_configs", {}) if depth < 2 else ():
+        sub_config = getattr(defaults, key, None)
+        if isinstance(sub_config, PreTrainedConfig):
+            values[key] = {"model_type": sub_config.model_type, **_tiny_values(sub_config, token_ids, depth + 1)}
+    return values
 
 
 def tiny_config(model_type: str, tokenizer: PreTrainedTokenizerFast, **overrides) -> PreTrainedConfig:
@@ -93,20 +150,11 @@ def tiny_config(model_type: str, tokenizer: PreTrainedTokenizerFast, **overrides
         defaults = AutoConfig.for_model(model_type)
     except ValueError:
         raise ScaffoldError(f"transformers has no config for model_type '{model_type}'") from None
-    values = {key: value for key, value in TINY_DIMENSIONS.items() if _settable(defaults, key)}
-    if "qk_rope_head_dim" in values:
-        # Latent attention's rotary embedding spans only the rotated part of a head, and every head has its own
-        # key and value (expanded from the shared latent), so there are as many KV heads as query heads.
-        values["head_dim"] = values["qk_rope_head_dim"]
-        values["num_key_value_heads"] = values["num_attention_heads"]
-    values.update(ARCHITECTURE_OVERRIDES.get(model_type, {}))
+    token_ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                 "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    values = _tiny_values(defaults, token_ids)
     values.update(overrides)
-    values.update(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    values.update(token_ids)
     return AutoConfig.for_model(model_type, **values)
 
 

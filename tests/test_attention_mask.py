@@ -1,5 +1,7 @@
 """Static-cache attention masks: which cache slots each query sees, per layer type."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import Llama4TextConfig, LlamaConfig
@@ -30,6 +32,20 @@ def test_indexed_attention_layers_get_the_causal_mask():
 
 
 def test_a_layer_type_without_a_mask_is_named():
-    config = LlamaConfig(num_hidden_layers=1, layer_types=["linear_attention"])
-    with pytest.raises(ValueError, match=r"\['linear_attention'\].*full_attention"):
+    config = SimpleNamespace(layer_types=["dilated_attention"])  # HF's configs refuse unknown kinds themselves
+    with pytest.raises(ValueError, match=r"\['dilated_attention'\].*full_attention.*linear_attention"):
         masks_for_model(config, torch.ones(1, 4, dtype=torch.long), torch.arange(4), torch.float32)
+
+
+def test_hybrid_models_get_the_padding_mask_of_the_new_tokens_under_hf_keys():
+    config = LlamaConfig(num_hidden_layers=2, layer_types=["hybrid", "conv"])
+    attention_mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 0]])  # slot 3 is not written yet
+    masks = masks_for_model(config, attention_mask, torch.arange(3), torch.float32)
+    assert masks["linear_attention"].tolist() == masks["conv"].tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert _visible(masks["hybrid"], 0, 2) == [1, 2] and masks["hybrid"] is masks["full_attention"]
+
+
+def test_a_model_without_attention_layers_takes_the_padding_mask_itself():
+    config = LlamaConfig(num_hidden_layers=2, layer_types=["linear_attention", "linear_attention"])
+    mask = masks_for_model(config, torch.tensor([[0, 1, 1, 1]]), torch.arange(2, 4), torch.float32)
+    assert mask.tolist() == [[1.0, 1.0]]

@@ -248,7 +248,7 @@ CASES = [
     # scaffold
     Case("unknown model", "scaffold", lambda tmp, ckpt: ["gpt_os", "--out", str(tmp / "out")],
          "no model named 'gpt_os'", "did you mean gpt_oss"),
-    Case("encoder-only model", "scaffold", lambda tmp, ckpt: ["bert", "--out", str(tmp / "out")],
+    Case("encoder-only model", "scaffold", lambda tmp, ckpt: ["distilbert", "--out", str(tmp / "out")],
          "exactly one *ForCausalLM class", "found: none"),
     Case("unwritable output folder", "scaffold",
          lambda tmp, ckpt: (tmp / "file").write_text("x") and ["gpt_oss", "--out", str(tmp / "file")],

@@ -90,7 +90,13 @@ class StaticKVCache(RecurrentStates):
         return buffer
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.max_len
+        """The slots before this step's: what HF calls the cached length (BART-style decoders count their learned
+        positions from it, padding included, as HF does). A compiled graph cannot read it from the slot tensor
+        without a host sync, so it sees the capacity instead: ports whose forward takes `position_ids` (every
+        decoder-only family) never ask."""
+        if torch.compiler.is_compiling():
+            return self.max_len
+        return int(self.write_slots[0])
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_len

@@ -28,8 +28,10 @@ class ModelSource:
     transformers_version: str
     origin: str
     copy_configuration: bool = False
-    # The causal-LM class transformers' auto mapping (or a folder's auto_map) names, when one does.
+    # The causal-LM class transformers' auto mapping (or a folder's auto_map) names, when one does, and the
+    # mapping's model_type it is named for.
     causal_lm_class: str | None = None
+    model_type: str | None = None
 
     @property
     def display_modeling(self) -> str:
@@ -84,9 +86,10 @@ def auto_causal_lm_classes(models_dir: Path) -> dict[str, str]:
     return {}
 
 
-def _auto_causal_lm(models_dir: Path, name: str) -> str | None:
+def _auto_model_type(models_dir: Path, name: str) -> str | None:
+    """The auto mapping's model_type `name` stands for (gpt-sw3 may be asked for as gpt_sw3)."""
     classes = auto_causal_lm_classes(models_dir)
-    return classes.get(name) or classes.get(name.replace("_", "-"))
+    return next((key for key in (name, name.replace("_", "-")) if key in classes), None)
 
 
 def _file_defining(models_dir: Path, class_name: str) -> Path | None:
@@ -109,7 +112,8 @@ def locate_transformers_model(name: str) -> ModelSource:
     folder_name = _folder_name(models_dir, name)
     folder = models_dir / folder_name
     modeling = folder / f"modeling_{folder_name}.py"
-    causal_lm = _auto_causal_lm(models_dir, name)
+    model_type = _auto_model_type(models_dir, name)
+    causal_lm = auto_causal_lm_classes(models_dir)[model_type] if model_type else None
     if causal_lm and not _defines(modeling, causal_lm):
         # The class lives in another file: a variant's own (data2vec-text) or the model it reuses (gpt-sw3's gpt2).
         modeling = _file_defining(models_dir, causal_lm) or modeling
@@ -122,7 +126,8 @@ def locate_transformers_model(name: str) -> ModelSource:
     if not configuration.is_file():
         raise ScaffoldError(f"transformers {version} ships {modeling.name} but no {configuration.name} for '{name}'")
     return ModelSource(name.replace("-", "_"), modeling, configuration, f"transformers.models.{folder.name}",
-                       version, f"transformers/models/{folder.name}", causal_lm_class=causal_lm)
+                       version, f"transformers/models/{folder.name}", causal_lm_class=causal_lm,
+                       model_type=model_type)
 
 
 def locate_folder_model(name: str, folder: Path) -> ModelSource:

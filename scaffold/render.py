@@ -37,6 +37,8 @@ def port_files(spec: ModelSpec) -> dict[str, str]:
     context = {
         "name": name,
         "model_type": spec.model_type,
+        # The checkpoints the port is proven on: a multimodal model's composite ones for its text tower's port.
+        "checkpoint_model_type": spec.source.model_type or spec.model_type,
         "causal_lm_class": spec.causal_lm_class,
         "config_class": spec.config_class,
         "config_module": spec.source.config_module,

@@ -57,6 +57,11 @@ TINY_DIMENSIONS = {
     "sliding_window": 8,
     "attention_chunk_size": 8,
     "initializer_range": 0.1,
+    # Gated DeltaNet (Qwen3-Next, Qwen3.5, Kimi-Linear, OLMo hybrid): 2 key heads, each shared by 2 value heads.
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
     # Encoder-decoder families' causal LM is their decoder, sized by its own keys (BART, Marian, Whisper, TrOCR).
     "d_model": 64,
     "encoder_layers": 2,
@@ -106,7 +111,11 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 def _settable(config: PreTrainedConfig, key: str) -> bool:
     """The config has `key` as a plain attribute, not a derived read-only property (Falcon's head_dim)."""
     stored = getattr(config, "attribute_map", {}).get(key, key)  # Bamba's layer_types is its layers_block_type
-    return hasattr(config, key) and not isinstance(getattr(type(config), stored, None), property)
+    try:
+        present = hasattr(config, key)
+    except Exception:  # noqa: BLE001 - Gemma 4 raises on per-layer attributes read globally: not settable
+        return False
+    return present and not isinstance(getattr(type(config), stored, None), property)
 
 
 # Layer kinds that keep a recurrent state instead of keys and values.

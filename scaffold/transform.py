@@ -385,6 +385,10 @@ class ReplaceHeaderCommand(CodemodCommand):
         return updated_node.with_changes(header=header)
 
 
+FROZEN_TABLE_INIT = m.Call(
+    func=m.Attribute(value=m.Call(func=m.Name("super")), attr=m.Name("__init__")),
+    args=[m.ZeroOrMore(), m.Arg(keyword=m.Name("_freeze")), m.ZeroOrMore()],
+)
 PARALLEL_CLASSES = {
     "column": "ColumnParallelLinear",
     "row": "RowParallelLinear",
@@ -482,8 +486,11 @@ class _ApplyPlan(cst.CSTTransformer):
         return updated_node
 
     def leave_ClassDef(self, original_node: cst.ClassDef, updated_node: cst.ClassDef) -> cst.ClassDef:
-        """A model's own embedding subclass (e.g. Gemma's scaled embedding) becomes vocab-parallel too."""
+        """A model's own embedding subclass (e.g. Gemma's scaled embedding) becomes vocab-parallel too, unless it
+        is a frozen table (Marian's sinusoidal positions pass `_freeze=True`): computed, never a vocabulary."""
         self._class_stack.pop()
+        if m.findall(updated_node, FROZEN_TABLE_INIT):
+            return updated_node
         bases = [
             base.with_changes(value=cst.Name(PARALLEL_CLASSES["vocab_embedding"]))
             if m.matches(base.value, m.Attribute(value=m.Name("nn"), attr=m.Name("Embedding"))) else base

@@ -119,6 +119,8 @@ def hf_reference(checkpoint: Path, prompts: list[str], max_new_tokens: int) -> t
     # generate() falls back to the checkpoint's generation_config for an eos_token_id left unset: clear it
     # there, or HF stops a row at EOS and pads it while the port (ignoring EOS) goes on.
     model.generation_config.eos_token_id = None
+    # BART-family checkpoints force EOS at the length limit (and BOS first): plain greedy decoding is the reference.
+    model.generation_config.forced_eos_token_id = model.generation_config.forced_bos_token_id = None
     batch = tokenizer(list(prompts), padding="longest", return_tensors="pt")
     generation_config = GenerationConfig(
         do_sample=False,

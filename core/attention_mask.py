@@ -42,6 +42,8 @@ CAUSAL_LAYER_TYPES = {"full_attention": "full_attention", "indexed_attention": "
 # Layers with a recurrent state instead of keys and values (Gated DeltaNet, Mamba, LFM2's short convolutions) take
 # HF's 2-D padding mask of the new tokens: they zero the padding's inputs so it never reaches their state.
 RECURRENT_LAYER_TYPES = ("linear_attention", "conv", "mamba", "recurrent")
+# Nemotron-H's feed-forward-only layers mix no tokens: they take no mask.
+MIXERLESS_LAYER_TYPES = ("mlp", "moe")
 
 
 def recurrent_mask(attention_mask: torch.Tensor, query_slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -67,6 +69,7 @@ def masks_for_model(config: PreTrainedConfig, attention_mask: torch.Tensor, quer
     masks = causal_masks(attention_mask, query_slots, dtype,
                          sliding_window if "sliding_attention" in kinds else None,
                          getattr(config, "attention_chunk_size", None) if "chunked_attention" in kinds else None)
+    layer_types = [layer_type for layer_type in layer_types if layer_type not in MIXERLESS_LAYER_TYPES]
     unknown = set(layer_types) - set(masks) - set(CAUSAL_LAYER_TYPES) - set(RECURRENT_LAYER_TYPES)
     if unknown:
         raise ValueError(f"config.layer_types has {sorted(unknown)}; the static-cache masks cover "

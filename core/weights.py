@@ -42,6 +42,22 @@ def _sources(name: str, target, presplit: bool, checkpoint: ModelNamedCheckpoint
     return [f"{parent}.{sibling}" for sibling in merged_from]
 
 
+def _stored_aliases(model: torch.nn.Module, sources: dict[str, list[str]],
+                    checkpoint: ModelNamedCheckpoint) -> dict[str, list[str]]:
+    """A tied parameter is filled under the name the checkpoint stores it by: CamemBERT's head is built before its
+    encoder, so the tied tensor is `lm_head.decoder.weight` to the model and the embedding to the checkpoint."""
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    found = {}
+    for name, param in model.named_parameters():
+        if sources.get(name) == [name] and name not in checkpoint:
+            stored = next((alias for alias in aliases[id(param)] if alias in checkpoint), None)
+            if stored is not None:
+                found[name] = [stored]
+    return found
+
+
 def checkpoint_targets(model: torch.nn.Module) -> dict[str, torch.Tensor | PackedWeight]:
     """What a checkpoint fills: every parameter (a tied one once), every persistent buffer and every packed
     (kept quantized) weight, by name."""
@@ -63,12 +79,12 @@ def _fill(target: torch.Tensor, name: str, sources: list[str], checkpoint: Model
     """Read `target` from its sources: through its own weight_loader (this rank's part), or whole from an
     offline split (merged siblings were saved one after the other along the rows)."""
     loader = getattr(target, "weight_loader", None)
-    if presplit and sources != [name]:
+    if presplit and len(sources) > 1:
         default_weight_loader(target, ConcatenatedSlice([checkpoint.get_slice(s) for s in sources], 0), name)
     elif loader is None or presplit:
-        default_weight_loader(target, checkpoint.get_slice(name), name)
-    elif sources == [name]:
-        loader(target, checkpoint.get_slice(name))
+        default_weight_loader(target, checkpoint.get_slice(sources[0]), name)
+    elif len(sources) == 1:  # its own name, or the alias a tied tensor is stored under
+        loader(target, checkpoint.get_slice(sources[0]))
     else:
         for shard_id, source in enumerate(sources):
             loader(target, checkpoint.get_slice(source), shard_id)
@@ -149,6 +165,7 @@ def load_checkpoint_into(
         checkpoint.method.pack(model, named)
     targets = checkpoint_targets(model)
     sources = {name: _sources(name, target, presplit, named) for name, target in targets.items()}
+    sources.update(_stored_aliases(model, sources, named))
     missing = [source for names in sources.values() for source in names if source not in named]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -146,9 +146,12 @@ def _class_tables(spec: ModelSpec, threaded: set[str]) -> dict[str, str]:
         values = [element.value for element in statement.body[0].value.elements if isinstance(element, cst.DictElement)]
         if not values or not all(isinstance(value, cst.Name) and value.value in spec.classes for value in values):
             continue
-        constructors = {_constructor_class(spec, value.value) for value in values}
-        if len(constructors) == 1 and constructors <= threaded:
-            tables[statement.body[0].targets[0].target.value] = constructors.pop()
+        constructors = sorted({_constructor_class(spec, value.value) for value in values})
+        # Several classes may share a table (Jamba's attention and Mamba layers) when `config` sits at the same
+        # position in each constructor: runner_settings goes right after it whichever is built.
+        if (set(constructors) <= threaded
+                and len({spec.classes[name].init_params.index("config") for name in constructors}) == 1):
+            tables[statement.body[0].targets[0].target.value] = constructors[0]
     return tables
 
 
@@ -179,8 +182,14 @@ class _ThreadRunnerSettings(cst.CSTTransformer):
         if len(node.targets) != 1 or not isinstance(node.targets[0].target, cst.Name):
             return
         value = node.value
+        if m.matches(value, m.Subscript(value=m.Name())) and value.value.value in self.class_tables:
+            # `layer_class = ALL_DECODER_LAYER_TYPES[config.layers_block_type[i]]` (Jamba)
+            self._class_aliases[node.targets[0].target.value] = self.class_tables[value.value.value]
+            return
         choices = [value.body, value.orelse] if isinstance(value, cst.IfExp) else [value]
-        if not all(isinstance(choice, cst.Name) and choice.value in self.threaded for choice in choices):
+        # `BambaMLP if num_experts == 1 else None`: only a class can be called.
+        choices = [choice for choice in choices if not m.matches(choice, m.Name("None"))]
+        if not choices or not all(isinstance(choice, cst.Name) and choice.value in self.threaded for choice in choices):
             return
         constructors = [_constructor_class(self.spec, choice.value) for choice in choices]
         # Either class may be built: the call passes runner_settings right after config, so config must sit at the
@@ -225,7 +234,7 @@ class _ThreadRunnerSettings(cst.CSTTransformer):
 
     def _threaded_callee(self, func: cst.BaseExpression) -> str | None:
         """The threaded class a call builds: `Attention(...)`, through a local alias of it, or
-        `ATTENTION_CLASSES[...](...)` from a class table."""
+        `ATTENTION_CLASSES[...](...)` from a class table (or a local name bound to an entry of one)."""
         if isinstance(func, cst.Name) and func.value in self.threaded:
             return func.value
         if isinstance(func, cst.Name) and func.value in self._class_aliases:

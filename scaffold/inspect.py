@@ -16,7 +16,8 @@ from scaffold.locate import ModelSource
 # its [in, out] weight, so it is replicated.
 # How causal-LM classes end: GPT2LMHeadModel, XLMWithLMHeadModel, ReformerModelWithLMHead, BertGenerationDecoder.
 CAUSAL_LM_SUFFIX = re.compile(r"(ForCausalLM|(Model)?WithLMHead(Model)?|LMHeadModel|Decoder)$")
-WEIGHT_CONSTRUCTORS = {"Linear": "linear", "Embedding": "embedding", "Parameter": "parameter", "Conv1D": "conv1d"}
+WEIGHT_CONSTRUCTORS = {"Linear": "linear", "Embedding": "embedding", "Parameter": "parameter", "Conv1D": "conv1d",
+                       "Conv1d": "conv"}
 
 
 @dataclass(frozen=True)

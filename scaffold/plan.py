@@ -27,7 +27,8 @@ from scaffold.inspect import ModelSpec
 logger = logging.getLogger(__name__)
 
 OVERRIDES_DIR = Path(__file__).resolve().parent / "overrides"
-ROLES = ("column", "merged_column", "row", "vocab_embedding", "lm_head", "sharded", "summand", "replicated")
+ROLES = ("column", "merged_column", "row", "vocab_embedding", "lm_head", "sharded", "summand", "channels",
+         "replicated")
 GROUPS = ("attn_tp", "moe_tp", "lmhead_tp", "embed_tp")
 
 ATTENTION_CLASS = re.compile(r"Attention")
@@ -64,7 +65,8 @@ class WeightRole:
     dim: int | None = None
     source: str = "rule"
     segments: int = 1
-    # merged_column: a linear fused on disk (Phi-3's qkv_proj), one output size and head count per segment.
+    # merged_column: a linear fused on disk (Phi-3's qkv_proj), one output size and head count per segment;
+    # channels: a depthwise convolution's channel sections (Gated DeltaNet's q | k | v), likewise.
     output_sizes: tuple[str, ...] = ()
     segment_heads: tuple[str | None, ...] = ()
 
@@ -165,14 +167,15 @@ def _override_role(entry: dict, where: str) -> WeightRole:
         raise ScaffoldError(f"{where}: each entry needs a role, one of {', '.join(ROLES)}; got {entry!r}")
     if entry.get("group") is not None and entry["group"] not in GROUPS:
         raise ScaffoldError(f"{where}: group {entry['group']!r} is not one of {', '.join(GROUPS)}")
-    if entry["role"] != "merged_column":
+    if entry["role"] not in ("merged_column", "channels"):
         return WeightRole(entry["role"], entry.get("group"), entry.get("num_heads"), entry.get("dim"), "override")
     sizes, heads = entry.get("output_sizes"), entry.get("num_heads")
-    if not isinstance(sizes, list) or len(sizes) < 2 or not isinstance(heads, list) or len(heads) != len(sizes):
-        raise ScaffoldError(f"{where}: merged_column needs output_sizes (one expression per fused segment, at "
-                            f"least 2) and num_heads (the segment's head count, or null to split it evenly) of "
-                            f"the same length; got {entry!r}")
-    return WeightRole("merged_column", entry.get("group"), source="override", output_sizes=tuple(sizes),
+    least = 2 if entry["role"] == "merged_column" else 1
+    if not isinstance(sizes, list) or len(sizes) < least or not isinstance(heads, list) or len(heads) != len(sizes):
+        raise ScaffoldError(f"{where}: {entry['role']} needs output_sizes (one expression per fused segment, at "
+                            f"least {least}) and num_heads (the segment's head count, or null to split it evenly) "
+                            f"of the same length; got {entry!r}")
+    return WeightRole(entry["role"], entry.get("group"), source="override", output_sizes=tuple(sizes),
                       segment_heads=tuple(heads))
 
 

@@ -55,6 +55,7 @@ TINY_DIMENSIONS = {
     "qk_nope_head_dim": 16,
     "v_head_dim": 16,
     "sliding_window": 8,
+    "n_positions": 128,  # GPT-2's learned positions, replicated on every rank: enough for the tests' sequences
     "attention_chunk_size": 8,
     "initializer_range": 0.1,
     # Gated DeltaNet (Qwen3-Next, Qwen3.5, Kimi-Linear, OLMo hybrid): 2 key heads, each shared by 2 value heads.
@@ -162,7 +163,12 @@ def tiny_config(model_type: str, tokenizer: PreTrainedTokenizerFast, **overrides
     token_ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
                  "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     values = _tiny_values(defaults, token_ids)
-    values.update(overrides)
+    text_key = next((key for key in getattr(defaults, "sub_configs", {})
+                     if getattr(defaults, key, None) is defaults.get_text_config(decoder=True)), None)
+    for key, value in overrides.items():
+        # A composite (multimodal) config's text model takes what the top level lacks (its KV head count, …).
+        target = values[text_key] if text_key and not _settable(defaults, key) else values
+        target[key] = value
     values.update(token_ids)
     return AutoConfig.for_model(model_type, **values)
 

@@ -408,6 +408,19 @@ TENSOR_FACTORIES = {"empty", "zeros", "ones", "randn", "rand"}
 LAYERS_MODULE = "core.layers"
 
 
+def _as_linear_call(call: cst.Call) -> cst.Call:
+    """GPT-2's `Conv1D(nf, nx)` (out, in; weight stored [in, out]) as the linear it is:
+    `nn.Linear(nx, nf, checkpoint_transposed=True)`, which the parallel layers then replace."""
+    positional = [arg for arg in call.args if arg.keyword is None]
+    if len(positional) != 2 or len(call.args) != 2:
+        raise ScaffoldError("Conv1D(...) is not built as Conv1D(out_features, in_features); the parallel layers "
+                            "cannot rewrite it")
+    out_features, in_features = positional
+    return cst.Call(cst.Attribute(cst.Name("nn"), cst.Name("Linear")), args=[
+        in_features.with_changes(comma=_comma()), out_features.with_changes(comma=_comma()),
+        _keyword("checkpoint_transposed", cst.Name("True"))])
+
+
 def _keyword(name: str, value: cst.BaseExpression) -> cst.Arg:
     return cst.Arg(value, keyword=cst.Name(name),
                    equal=cst.AssignEqual(cst.SimpleWhitespace(""), cst.SimpleWhitespace("")))
@@ -470,6 +483,9 @@ class _ApplyPlan(cst.CSTTransformer):
         # `self.num_heads = config.num_attention_heads` before it is made per-rank: a parallel layer's
         # constructor takes full sizes, so `self.num_heads * head_dim` there reads the full count.
         self._full_head_counts: dict[tuple[str, str], cst.BaseExpression] = {}
+        # Sizes __init__ derives from those counts (`self.key_dim = self.head_k_dim * self.num_k_heads`, a local
+        # `projection_size = self.key_dim * 2 + ...`), at full size, for the same constructors.
+        self._full_locals: dict[tuple[str, str], cst.BaseExpression] = {}
         # (class, attribute) of norms over every head at once, filled from __init__ before forward is visited.
         self._head_spanning_norms: dict[tuple[str, str], str] = {}
         self._head_classes = {cls for (cls, _), role in plan.roles.items() if role.num_heads}
@@ -513,6 +529,9 @@ class _ApplyPlan(cst.CSTTransformer):
         if not self._class_stack or len(updated_node.targets) != 1:
             return updated_node
         target = updated_node.targets[0].target
+        in_head_init = self._class_stack[-1] in self._head_classes and self._function_stack[-1:] == ["__init__"]
+        if isinstance(target, cst.Name) and in_head_init:
+            self._record_derived_size(self._full_locals, target.value, updated_node.value)
         if not m.matches(target, m.Attribute(value=m.Name("self"))):
             return updated_node
         class_name, attribute = self._class_stack[-1], target.attr.value
@@ -527,6 +546,8 @@ class _ApplyPlan(cst.CSTTransformer):
             # `self.head_dim = self.embed_dim // self.num_heads` divides by the full head count.
             return updated_node.with_changes(value=self._full_head_counts_in(updated_node.value, class_name))
         call = constructed_call(updated_node.value)
+        if in_head_init and call is None:
+            self._record_derived_size(self._full_head_counts, attribute, updated_node.value)
         if (class_name, attribute) not in self.plan.roles or call is None:
             return updated_node
         role = self.plan.role_of(class_name, attribute)
@@ -556,11 +577,24 @@ class _ApplyPlan(cst.CSTTransformer):
         for (owner, attribute), full in self._full_head_counts.items():
             if owner == class_name:
                 expression = m.replace(expression, m.Attribute(value=m.Name("self"), attr=m.Name(attribute)), full)
-        return expression
+        local_sizes = {name: full for (owner, name), full in self._full_locals.items() if owner == class_name}
+        return expression.visit(_ReplaceNames(local_sizes)) if local_sizes else expression
+
+    def _record_derived_size(self, table: dict, name: str, value: cst.BaseExpression) -> None:
+        """Remember `name`'s full size when `value` is size arithmetic (no calls) over per-rank head counts."""
+        if m.findall(value, m.Call()):
+            return
+        full = self._full_head_counts_in(value, self._class_stack[-1])
+        if not full.deep_equals(value):
+            needs_parentheses = isinstance(full, cst.BinaryOperation) and not full.lpar
+            table[(self._class_stack[-1], name)] = (
+                full.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()]) if needs_parentheses else full)
 
     def _parallel_call(self, call: cst.Call, role: WeightRole, class_name: str, attribute: str) -> cst.Call:
         if role.role == "replicated":
             return call
+        if m.matches(call.func, m.Name("Conv1D")):
+            call = _as_linear_call(call)
         if role.role in PARALLEL_CLASSES:
             name = PARALLEL_CLASSES[role.role]
             extra = [_keyword("group", cst.SimpleString(f'"{role.group}"'))]
@@ -569,7 +603,16 @@ class _ApplyPlan(cst.CSTTransformer):
             self.imports.add(name)
             return call.with_changes(func=cst.Name(name), args=_with_trailing_args(call, extra))
         if role.role == "merged_column":
-            return self._merged_column_call(call, role, f"{class_name}.{attribute}")
+            return self._merged_column_call(call, role, class_name, f"{class_name}.{attribute}")
+        if role.role == "channels":
+            return self._channels_call(call, role, class_name, f"{class_name}.{attribute}")
+        if role.role == "sharded" and not self._is_factory_parameter(call):
+            # Built from other tensors (`nn.Parameter(torch.log(A))`): at this rank's size already, since what it
+            # is built from counts this rank's heads.
+            self.imports.add("local_shard")
+            return cst.Call(cst.Name("local_shard"), args=[
+                cst.Arg(call, comma=_comma()), _keyword("group", cst.SimpleString(f'"{role.group}"')).with_changes(
+                    comma=_comma()), _keyword("dim", cst.Integer(str(role.dim or 0)))])
         self.imports.add("sharded_parameter")
         shape, dtype = self._parameter_shape(call, f"{class_name}.{attribute}")
         extra = [_keyword("group", cst.SimpleString(f'"{role.group}"'))]
@@ -584,14 +627,15 @@ class _ApplyPlan(cst.CSTTransformer):
         return cst.Call(cst.Name("sharded_parameter"), args=_with_trailing_args(cst.Call(
             cst.Name("sharded_parameter"), args=[cst.Arg(shape)]), extra))
 
-    def _merged_column_call(self, call: cst.Call, role: WeightRole, where: str) -> cst.Call:
+    def _merged_column_call(self, call: cst.Call, role: WeightRole, class_name: str, where: str) -> cst.Call:
         """`nn.Linear(hidden, fused_size, bias=...)` → `MergedColumnParallelLinear(hidden, [sizes], bias=...,
         group=..., num_heads=[...])`: each fused segment is split over the group on its own."""
         positional = [arg for arg in call.args if arg.keyword is None]
         if len(positional) != 2:
             raise ScaffoldError(f"{self.spec.source.display_modeling}: {where} is not built as "
                                 f"nn.Linear(in_features, out_features, ...); merged_column cannot rewrite it")
-        sizes = cst.List([cst.Element(cst.parse_expression(size)) for size in role.output_sizes])
+        sizes = cst.List([cst.Element(self._full_head_counts_in(cst.parse_expression(size), class_name))
+                          for size in role.output_sizes])
         heads = cst.List([cst.Element(cst.parse_expression(str(count))) for count in role.segment_heads])
         args = [positional[0], cst.Arg(sizes)] + [arg for arg in call.args if arg.keyword is not None]
         args = [arg.with_changes(comma=_comma()) for arg in args[:-1]] + [args[-1]]
@@ -601,6 +645,33 @@ class _ApplyPlan(cst.CSTTransformer):
         self.imports.add(MERGED_LAYER)
         return cst.Call(cst.Name(MERGED_LAYER), args=_with_trailing_args(cst.Call(cst.Name(MERGED_LAYER), args=args),
                                                                           extra))
+
+    def _channels_call(self, call: cst.Call, role: WeightRole, class_name: str, where: str) -> cst.Call:
+        """`nn.Conv1d(in_channels=c, out_channels=c, groups=c, kernel_size=k, ...)` (depthwise) →
+        `ChannelParallelConv1d([sections], kernel_size=k, ..., group=..., num_heads=[...])`."""
+        keywords = {arg.keyword.value: arg for arg in call.args if arg.keyword is not None}
+        if any(arg.keyword is None for arg in call.args) or not {"in_channels", "out_channels", "groups"} <= set(keywords):
+            raise ScaffoldError(f"{self.spec.source.display_modeling}: {where} is not built as nn.Conv1d(in_channels=c, "
+                                f"out_channels=c, groups=c, ...); the channels role splits depthwise convolutions only")
+        sections = cst.List([cst.Element(self._full_head_counts_in(cst.parse_expression(size), class_name))
+                             for size in role.output_sizes])
+        heads = cst.List([cst.Element(cst.parse_expression(str(count))) for count in role.segment_heads])
+        kept = [arg for name, arg in keywords.items() if name not in ("in_channels", "out_channels", "groups")]
+        args = [cst.Arg(sections)] + kept
+        args = [arg.with_changes(comma=_comma()) for arg in args[:-1]] + [args[-1].with_changes(
+            comma=cst.MaybeSentinel.DEFAULT)]
+        extra = [_keyword("group", cst.SimpleString(f'"{role.group}"'))]
+        if any(count is not None for count in role.segment_heads):
+            extra.append(_keyword("num_heads", heads))
+        self.imports.add("ChannelParallelConv1d")
+        return cst.Call(cst.Name("ChannelParallelConv1d"),
+                        args=_with_trailing_args(cst.Call(cst.Name("ChannelParallelConv1d"), args=args), extra))
+
+    @staticmethod
+    def _is_factory_parameter(call: cst.Call) -> bool:
+        factory = call.args[0].value if call.args else None
+        return isinstance(factory, cst.Call) and isinstance(factory.func, cst.Attribute) and (
+            factory.func.attr.value in TENSOR_FACTORIES or factory.func.attr.value == "full")
 
     def _parameter_shape(self, call: cst.Call, where: str) -> tuple[cst.BaseExpression, cst.BaseExpression | None]:
         """The shape tuple and the `dtype=` (if any) of `nn.Parameter(torch.empty(a, b))` /
@@ -628,6 +699,20 @@ class _ApplyPlan(cst.CSTTransformer):
         last = elements[-1].with_changes(comma=cst.Comma()) if len(elements) == 1 else elements[-1]
         return cst.Tuple(commas + [last]), dtype
 
+    def _merged_output_split(self, call: cst.Call) -> cst.Call | None:
+        """`self.c_attn(x).split(self.split_size, dim=2)` on a merged column layer's output: the rank's output holds
+        its part of each segment, so it splits by the layer's per-rank sizes (`self.c_attn.split_sizes`)."""
+        pattern = m.Call(func=m.Attribute(value=m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name())),
+                                          attr=m.Name("split")))
+        if not (self._class_stack and m.matches(call, pattern) and call.args and call.args[0].keyword is None):
+            return None
+        layer = call.func.value.func.attr.value
+        role = self.plan.roles.get((self._class_stack[-1], layer))
+        if role is None or role.role != "merged_column":
+            return None
+        sizes = cst.parse_expression(f"self.{layer}.split_sizes")
+        return call.with_changes(args=[call.args[0].with_changes(value=sizes), *call.args[1:]])
+
     def _norm_head_count(self, class_name: str, value: cst.BaseExpression) -> str | None:
         """`Norm(config.num_attention_heads * self.head_dim, ...)` in a head-sharded class: a norm over every head
         at once; one of `config.hidden_size` there spans all query heads (OLMoE's q_norm, BitNet's norm of the
@@ -642,6 +727,9 @@ class _ApplyPlan(cst.CSTTransformer):
         return f"self.config.{counts[0].attr.value}" if counts else None
 
     def leave_Call(self, original_node: cst.Call, updated_node: cst.Call) -> cst.BaseExpression:
+        merged = self._merged_output_split(updated_node)
+        if merged is not None:
+            return merged
         if not self._class_stack or not m.matches(updated_node.func, m.Attribute(value=m.Name("self"))):
             return updated_node
         head_count = self._head_spanning_norms.get((self._class_stack[-1], updated_node.func.attr.value))
@@ -672,6 +760,23 @@ class _ApplyPlan(cst.CSTTransformer):
         tensor = call.args[0]
         gathered = call.with_changes(args=[tensor.with_changes(value=heads_call("gather_heads", tensor.value))])
         return heads_call("scatter_heads", gathered)
+
+
+class _ReplaceNames(cst.CSTTransformer):
+    """Local variable names → expressions (never the attribute part of `x.name`)."""
+
+    def __init__(self, expressions: dict[str, cst.BaseExpression]):
+        super().__init__()
+        self.expressions = expressions
+
+    def leave_Attribute(self, original_node: cst.Attribute, updated_node: cst.Attribute) -> cst.Attribute:
+        return updated_node.with_changes(attr=original_node.attr)
+
+    def leave_Arg(self, original_node: cst.Arg, updated_node: cst.Arg) -> cst.Arg:
+        return updated_node.with_changes(keyword=original_node.keyword)
+
+    def leave_Name(self, original_node: cst.Name, updated_node: cst.Name) -> cst.BaseExpression:
+        return self.expressions.get(updated_node.value, updated_node)
 
 
 class _LocalHeadCounts(cst.CSTTransformer):

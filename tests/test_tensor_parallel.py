@@ -28,7 +28,7 @@ def test_every_parallel_layer_equals_the_plain_layer_at_tp2(measurements):
     rejected = results.pop("uneven_heads_rejected")
     assert "layer 'proj': 3 heads cannot be split over attn_tp_size 2" in rejected
     assert {case: diff for case, diff in results.items() if diff > 1e-5} == {}
-    assert len(results) == 13
+    assert len(results) == 17
 
 
 def test_heads_tp_cannot_split_fail_before_any_weight_is_read(tiny_gpt_oss, tmp_path):

@@ -15,12 +15,14 @@ from safetensors.torch import save_file
 
 from core.distributed import LaunchEnvironment, get_tp_group, init_parallel_groups
 from core.layers import (
+    ChannelParallelConv1d,
     ColumnParallelLinear,
     MergedColumnParallelLinear,
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
     check_partitions,
+    local_shard,
     sharded_parameter,
 )
 
@@ -44,7 +46,12 @@ def main() -> None:
         "v_w": torch.randn(HEAD_DIM, HIDDEN), "v_b": torch.randn(HEAD_DIM),
         "embed": torch.randn(VOCAB, HIDDEN),
         "experts": torch.randn(3, HIDDEN, 2 * INTERMEDIATE), "experts_bias": torch.randn(3, HIDDEN),
+        # A depthwise convolution over q | k | v channels (Gated DeltaNet): sections of 2, 2 and 4 heads.
+        "conv_w": torch.randn(8 * HEAD_DIM, 1, 4), "conv_b": torch.randn(8 * HEAD_DIM),
+        "per_head": torch.randn(HEADS),
     }
+    full["gate_transposed_w"] = full["gate_w"].t().contiguous()  # GPT-2's Conv1D stores [in, out]
+    full["o_transposed_w"] = full["o_w"].t().contiguous()
     full["gate_up_w"] = torch.cat([full["gate_w"], full["up_w"]])
     full["gate_up_b"] = torch.cat([full["gate_b"], full["up_b"]])
     full["gate_up_interleaved_w"] = torch.stack([full["gate_w"], full["up_w"]], dim=1).reshape(-1, HIDDEN)
@@ -128,6 +135,30 @@ def main() -> None:
         results["vocab_embedding"] = (embedding(ids) - F.embedding(ids, full["embed"])).abs().max().item()
         lm_head = load(ParallelLMHead(HIDDEN, VOCAB), "embed")
         results["lm_head_gathered"] = (lm_head(x) - F.linear(x, full["embed"])).abs().max().item()
+
+        transposed = load(ColumnParallelLinear(HIDDEN, INTERMEDIATE, group="moe_tp", checkpoint_transposed=True),
+                          "gate_transposed_w", "gate_b")
+        column_case("column_transposed_on_disk", transposed, F.linear(x, full["gate_w"], full["gate_b"]))
+        row_transposed = load(RowParallelLinear(HEADS * HEAD_DIM, HIDDEN, num_heads=HEADS, checkpoint_transposed=True),
+                              "o_transposed_w", "o_b")
+        row_input = torch.randn(3, 5, HEADS * HEAD_DIM)
+        local_input = row_input.chunk(tp.size, dim=-1)[tp.rank]
+        results["row_transposed_on_disk"] = (row_transposed(local_input)
+                                             - F.linear(row_input, full["o_w"], full["o_b"])).abs().max().item()
+
+        sections = [2 * HEAD_DIM, 2 * HEAD_DIM, 4 * HEAD_DIM]
+        conv = load(ChannelParallelConv1d(sections, kernel_size=4, padding=3, num_heads=[2, 2, 4]), "conv_w", "conv_b")
+        signal = torch.randn(2, 8 * HEAD_DIM, 6)
+        expected = F.conv1d(signal, full["conv_w"], full["conv_b"], padding=3, groups=8 * HEAD_DIM)
+        rank_channels = torch.cat([part.chunk(tp.size, dim=1)[tp.rank]
+                                   for part in signal.split(sections, dim=1)], dim=1)
+        expected_channels = torch.cat([part.chunk(tp.size, dim=1)[tp.rank]
+                                       for part in expected.split(sections, dim=1)], dim=1)
+        results["conv_channels_by_section"] = (conv(rank_channels) - expected_channels).abs().max().item()
+
+        per_head = local_shard(torch.nn.Parameter(torch.empty(HEADS // tp.size)), group="attn_tp")
+        per_head.weight_loader(per_head, checkpoint.get_slice("per_head"))
+        results["local_shard"] = (per_head - full["per_head"].chunk(tp.size)[tp.rank]).abs().max().item()
 
         experts = sharded_parameter((3, HIDDEN, 2 * INTERMEDIATE), group="moe_tp", dim=2)
         experts.weight_loader(experts, checkpoint.get_slice("experts"))

@@ -1,6 +1,7 @@
 """Tensor-parallel building blocks the generated models use in place of nn.Linear / nn.Embedding / nn.Parameter."""
 
 from core.distributed import all_reduce
+from core.layers.conv import ChannelParallelConv1d
 from core.layers.embedding import VocabParallelEmbedding
 from core.layers.heads import gather_heads, scatter_heads
 from core.layers.linear import (
@@ -9,10 +10,11 @@ from core.layers.linear import (
     ParallelLMHead,
     RowParallelLinear,
 )
-from core.layers.parameter import sharded_parameter
+from core.layers.parameter import local_shard, sharded_parameter
 from core.layers.partition import check_partitions, local_heads
 
 __all__ = [
+    "ChannelParallelConv1d",
     "ColumnParallelLinear",
     "MergedColumnParallelLinear",
     "ParallelLMHead",
@@ -22,6 +24,7 @@ __all__ = [
     "check_partitions",
     "gather_heads",
     "local_heads",
+    "local_shard",
     "scatter_heads",
     "sharded_parameter",
 ]

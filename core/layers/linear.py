@@ -13,7 +13,7 @@ from torch import nn
 
 from core.distributed import get_tp_group
 from core.errors import CheckpointError
-from core.layers.partition import Segment, split_evenly, split_heads, take, tensor_shape
+from core.layers.partition import Segment, TransposedSlice, split_evenly, split_heads, take, tensor_shape
 
 
 def local_linear(x: torch.Tensor, weight: torch.Tensor | nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -22,6 +22,32 @@ def local_linear(x: torch.Tensor, weight: torch.Tensor | nn.Module, bias: torch.
         output = weight(x)
         return output if bias is None else output + bias
     return F.linear(x, weight, bias)
+
+
+def load_row_segments(owner: str, param: nn.Parameter, loaded, segments: list[Segment], shard_id: int | None = None,
+                      interleaved: bool = False) -> None:
+    """Copy this rank's rows of each segment of `loaded` (fused: the segments one after the other; `shard_id`: that
+    segment alone; interleaved: rows of two equal segments alternating) into `param`, segment after segment."""
+    expected_rows = sum(s.full for s in segments) if shard_id is None else segments[shard_id].full
+    rows = tensor_shape(loaded)[0]
+    if rows != expected_rows or tensor_shape(loaded)[1:] != tuple(param.shape[1:]):
+        raise CheckpointError(
+            f"{owner}: checkpoint tensor of shape {list(tensor_shape(loaded))} does not fit "
+            f"{expected_rows} output rows x {list(param.shape[1:])}"
+        )
+    if shard_id is not None:
+        offset = sum(s.local for s in segments[:shard_id])
+        segment = segments[shard_id]
+        param.data[offset : offset + segment.local].copy_(take(loaded, 0, segment.start, segment.local))
+    elif interleaved:
+        param.data.copy_(take(loaded, 0, 2 * segments[0].start, param.shape[0]))
+    else:
+        disk_offset, offset = 0, 0
+        for segment in segments:
+            piece = take(loaded, 0, disk_offset + segment.start, segment.local)
+            param.data[offset : offset + segment.local].copy_(piece)
+            disk_offset += segment.full
+            offset += segment.local
 
 
 class SegmentedColumnLinear(nn.Linear):
@@ -34,11 +60,13 @@ class SegmentedColumnLinear(nn.Linear):
 
     def __init__(self, in_features: int, segments: list[Segment], bias: bool, group: str,
                  interleaved: bool = False, checkpoint_names: list[str] | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, checkpoint_transposed: bool = False):
         super().__init__(in_features, sum(segment.local for segment in segments), bias=bias, dtype=dtype)
         self.tp_group = get_tp_group(group)
         self.segments = segments
         self.interleaved = interleaved
+        # GPT-2's Conv1D stores its weight [in, out]; the layer holds [out, in] like every linear.
+        self.checkpoint_transposed = checkpoint_transposed
         self.partition_problem = next((segment.problem for segment in segments if segment.problem), None)
         for leaf, param in self.named_parameters():
             param.weight_loader = self.weight_loader
@@ -55,26 +83,9 @@ class SegmentedColumnLinear(nn.Linear):
         return [segment.local for segment in self.segments]
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id: int | None = None) -> None:
-        expected_rows = sum(s.full for s in self.segments) if shard_id is None else self.segments[shard_id].full
-        rows = tensor_shape(loaded)[0]
-        if rows != expected_rows or tensor_shape(loaded)[1:] != tuple(param.shape[1:]):
-            raise CheckpointError(
-                f"{type(self).__name__}: checkpoint tensor of shape {list(tensor_shape(loaded))} does not fit "
-                f"{expected_rows} output rows x {list(param.shape[1:])}"
-            )
-        if shard_id is not None:
-            offset = sum(s.local for s in self.segments[:shard_id])
-            segment = self.segments[shard_id]
-            param.data[offset : offset + segment.local].copy_(take(loaded, 0, segment.start, segment.local))
-        elif self.interleaved:
-            param.data.copy_(take(loaded, 0, 2 * self.segments[0].start, param.shape[0]))
-        else:
-            disk_offset, offset = 0, 0
-            for segment in self.segments:
-                piece = take(loaded, 0, disk_offset + segment.start, segment.local)
-                param.data[offset : offset + segment.local].copy_(piece)
-                disk_offset += segment.full
-                offset += segment.local
+        if self.checkpoint_transposed and param is self.weight:
+            loaded = TransposedSlice(loaded)
+        load_row_segments(type(self).__name__, param, loaded, self.segments, shard_id, self.interleaved)
 
 
 class ColumnParallelLinear(SegmentedColumnLinear):
@@ -82,13 +93,13 @@ class ColumnParallelLinear(SegmentedColumnLinear):
     is larger than the head count, as KV heads are under GQA)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group: str = "attn_tp",
-                 num_heads: int | None = None, dtype: torch.dtype | None = None):
+                 num_heads: int | None = None, dtype: torch.dtype | None = None, checkpoint_transposed: bool = False):
         tp = get_tp_group(group)
         if num_heads is None:
             segment = split_evenly(out_features, tp, "output features")
         else:
             segment = split_heads(num_heads, out_features // num_heads, tp)
-        super().__init__(in_features, [segment], bias, group, dtype=dtype)
+        super().__init__(in_features, [segment], bias, group, dtype=dtype, checkpoint_transposed=checkpoint_transposed)
 
 
 class MergedColumnParallelLinear(SegmentedColumnLinear):
@@ -101,7 +112,8 @@ class MergedColumnParallelLinear(SegmentedColumnLinear):
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = True, group: str = "moe_tp",
                  interleaved: bool = False, num_heads: list[int | None] | None = None,
-                 checkpoint_names: list[str] | None = None, dtype: torch.dtype | None = None):
+                 checkpoint_names: list[str] | None = None, dtype: torch.dtype | None = None,
+                 checkpoint_transposed: bool = False):
         tp = get_tp_group(group)
         if interleaved and len(set(output_sizes)) != 1:
             raise ValueError(f"interleaved segments must be of equal size, got {output_sizes}")
@@ -112,7 +124,8 @@ class MergedColumnParallelLinear(SegmentedColumnLinear):
             else split_heads(count, size // count, tp, f"heads{name}")
             for size, count, name in zip(output_sizes, heads, names)
         ]
-        super().__init__(in_features, segments, bias, group, interleaved, checkpoint_names, dtype)
+        super().__init__(in_features, segments, bias, group, interleaved, checkpoint_names, dtype,
+                         checkpoint_transposed)
 
 
 class RowParallelLinear(nn.Linear):
@@ -120,7 +133,7 @@ class RowParallelLinear(nn.Linear):
     the group and the bias is added once, after the sum."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group: str = "attn_tp",
-                 num_heads: int | None = None, dtype: torch.dtype | None = None):
+                 num_heads: int | None = None, dtype: torch.dtype | None = None, checkpoint_transposed: bool = False):
         tp = get_tp_group(group)
         if num_heads is None:
             segment = split_evenly(in_features, tp, "input features")
@@ -130,6 +143,7 @@ class RowParallelLinear(nn.Linear):
                 segment = Segment(segment.full, 0, segment.local,
                                   f"{num_heads} heads cannot be split over {tp.name}_size {tp.size}")
         super().__init__(segment.local, out_features, bias=bias, dtype=dtype)
+        self.checkpoint_transposed = checkpoint_transposed  # GPT-2's Conv1D: [in, out] on disk
         self.tp_group = tp
         self.segment = segment
         self.partition_problem = segment.problem
@@ -138,6 +152,8 @@ class RowParallelLinear(nn.Linear):
             self.bias.weight_loader = self.bias_loader
 
     def weight_loader(self, param: nn.Parameter, loaded) -> None:
+        if self.checkpoint_transposed:
+            loaded = TransposedSlice(loaded)
         expected = (self.out_features, self.segment.full)
         if tensor_shape(loaded) != expected:
             raise CheckpointError(f"RowParallelLinear: checkpoint tensor of shape {list(tensor_shape(loaded))} "

@@ -48,3 +48,24 @@ def sharded_parameter(full_shape: tuple[int, ...], group: str, dim: int | None =
     param.tp_group = tp
     param.partition_problem = segment.problem if segment else None
     return param
+
+
+def local_shard(param: nn.Parameter, group: str, dim: int = 0) -> nn.Parameter:
+    """A parameter the model's code already builds at this rank's size (from its local head counts, e.g.
+    Gated DeltaNet's `A_log = nn.Parameter(torch.log(A))` over the rank's value heads): its loader reads this
+    rank's contiguous block of the checkpoint tensor along `dim`."""
+    tp = get_tp_group(group)
+
+    def weight_loader(param: nn.Parameter, loaded) -> None:
+        full_shape = tensor_shape(loaded)
+        segment = split_evenly(full_shape[dim], tp, f"dimension {dim} of size")
+        expected = list(full_shape)
+        expected[dim] = segment.local
+        if segment.problem or expected != list(param.shape):
+            raise CheckpointError(segment.problem or f"checkpoint tensor of shape {list(full_shape)} does not split "
+                                                     f"into this rank's {list(param.shape)} along dimension {dim}")
+        param.data.copy_(take(loaded, dim, segment.start, segment.local))
+
+    param.weight_loader = weight_loader
+    param.tp_group = tp
+    return param

@@ -63,6 +63,21 @@ def take(loaded, dim: int, start: int, length: int) -> torch.Tensor:
     return loaded[index]
 
 
+class TransposedSlice:
+    """A checkpoint tensor stored [in, out] (GPT-2's Conv1D) read as the [out, in] a linear layer holds: indexing
+    reads only the indexed columns."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+
+    def get_shape(self) -> list[int]:
+        return list(reversed(tensor_shape(self.loaded)))
+
+    def __getitem__(self, index) -> torch.Tensor:
+        items = list(index if isinstance(index, tuple) else (index,)) + [slice(None)] * 2
+        return self.loaded[items[1], items[0]].t()
+
+
 def check_partitions(model: torch.nn.Module) -> None:
     """Raise, naming the layer, the sizes and the TP degree, if any parallel layer of `model` cannot split."""
     for name, module in model.named_modules():

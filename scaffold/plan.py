@@ -75,6 +75,9 @@ class WeightRole:
 class TensorParallelPlan:
     roles: dict[tuple[str, str], WeightRole] = field(default_factory=dict)
     reductions: dict[tuple[str, str], str] = field(default_factory=dict)
+    # (class, attribute) → the head count it is made of: a size __init__ computes without naming heads (Mamba2's
+    # `intermediate_size = expand * hidden_size`) that each rank holds its heads' share of.
+    per_rank_sizes: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def replicated_by_default(self) -> list[str]:
@@ -90,15 +93,15 @@ def _override_file(spec: ModelSpec) -> Path:
     return OVERRIDES_DIR / f"{spec.model_type}.yaml"
 
 
-def _load_overrides(spec: ModelSpec) -> tuple[dict, dict]:
+def _load_overrides(spec: ModelSpec) -> tuple[dict, dict, dict]:
     path = _override_file(spec)
     if not path.is_file():
-        return {}, {}
+        return {}, {}, {}
     data = yaml.safe_load(path.read_text()) or {}
-    unknown = set(data) - {"weights", "reductions"}
+    unknown = set(data) - {"weights", "reductions", "per_rank"}
     if unknown:
-        raise ScaffoldError(f"{path}: unknown sections {sorted(unknown)}; allowed: weights, reductions")
-    return data.get("weights") or {}, data.get("reductions") or {}
+        raise ScaffoldError(f"{path}: unknown sections {sorted(unknown)}; allowed: weights, reductions, per_rank")
+    return data.get("weights") or {}, data.get("reductions") or {}, data.get("per_rank") or {}
 
 
 def _experts_role(class_spec, attribute: str) -> WeightRole | None:
@@ -180,7 +183,7 @@ def _override_role(entry: dict, where: str) -> WeightRole:
 
 
 def _add_override_roles(plan: TensorParallelPlan, spec: ModelSpec, weights: dict[tuple[str, str], str]) -> None:
-    override_weights, override_reductions = _load_overrides(spec)
+    override_weights, override_reductions, per_rank = _load_overrides(spec)
     path = _override_file(spec)
     for key, entry in override_weights.items():
         class_name, _, attribute = key.partition(".")
@@ -193,6 +196,12 @@ def _add_override_roles(plan: TensorParallelPlan, spec: ModelSpec, weights: dict
         if class_name not in spec.classes or group not in GROUPS:
             raise ScaffoldError(f"{path}: reduction '{key}: {group}' names no class of the model or no TP group")
         plan.reductions[(class_name, attribute)] = group
+    for key, heads in per_rank.items():
+        class_name, _, attribute = key.partition(".")
+        if class_name not in spec.classes or not isinstance(heads, str):
+            raise ScaffoldError(f"{path}: per_rank '{key}: {heads!r}' needs a class of the model and the config "
+                                f"expression of the heads the size is made of (e.g. config.mamba_n_heads)")
+        plan.per_rank_sizes[(class_name, attribute)] = heads
 
 
 def _add_experts_reductions(plan: TensorParallelPlan, classes: dict) -> None:

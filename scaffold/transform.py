@@ -538,6 +538,16 @@ class _ApplyPlan(cst.CSTTransformer):
         head_count = self._norm_head_count(class_name, updated_node.value)
         if head_count:
             self._head_spanning_norms[(class_name, attribute)] = head_count
+        if (class_name, attribute) in self.plan.per_rank_sizes and in_head_init:
+            self._full_head_counts[(class_name, attribute)] = updated_node.value
+            self.imports.add("local_share")
+            heads = cst.parse_expression(self.plan.per_rank_sizes[(class_name, attribute)])
+            return updated_node.with_changes(value=cst.Call(cst.Name("local_share"), args=[
+                cst.Arg(updated_node.value, comma=_comma()), cst.Arg(heads, comma=_comma()),
+                cst.Arg(cst.SimpleString('"attn_tp"'))]))
+        spanning = self._spanning_per_rank_size(class_name, updated_node.value) if in_head_init else None
+        if spanning is not None:
+            return updated_node.with_changes(value=spanning)
         if class_name in self._head_classes and attribute in PER_RANK_HEAD_COUNTS:
             self._full_head_counts[(class_name, attribute)] = updated_node.value
             local = _LocalHeadCounts(self.imports, self._head_count_parameters(class_name))
@@ -698,6 +708,20 @@ class _ApplyPlan(cst.CSTTransformer):
         commas = [element.with_changes(comma=_comma()) for element in elements[:-1]]
         last = elements[-1].with_changes(comma=cst.Comma()) if len(elements) == 1 else elements[-1]
         return cst.Tuple(commas + [last]), dtype
+
+    def _spanning_per_rank_size(self, class_name: str, value: cst.BaseExpression) -> cst.Call | None:
+        """`Norm(self.intermediate_size, ...)` over a per-rank size: built at full size and applied to every head at
+        once (`over_all_heads(Norm(<full size>, ...), heads, "attn_tp")`), as at TP=1."""
+        if not (m.matches(value, m.Call(func=m.Name())) and NORM_CLASS.search(value.func.value)):
+            return None
+        sized_by = [heads for (owner, attribute), heads in self.plan.per_rank_sizes.items() if owner == class_name
+                    and m.findall(value, m.Attribute(value=m.Name("self"), attr=m.Name(attribute)))]
+        if not sized_by:
+            return None
+        self.imports.add("over_all_heads")
+        return cst.Call(cst.Name("over_all_heads"), args=[
+            cst.Arg(self._full_head_counts_in(value, class_name), comma=_comma()),
+            cst.Arg(cst.parse_expression(sized_by[0]), comma=_comma()), cst.Arg(cst.SimpleString('"attn_tp"'))])
 
     def _merged_output_split(self, call: cst.Call) -> cst.Call | None:
         """`self.c_attn(x).split(self.split_size, dim=2)` on a merged column layer's output: the rank's output holds

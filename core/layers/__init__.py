@@ -3,7 +3,7 @@
 from core.distributed import all_reduce
 from core.layers.conv import ChannelParallelConv1d
 from core.layers.embedding import VocabParallelEmbedding
-from core.layers.heads import gather_heads, scatter_heads
+from core.layers.heads import gather_heads, local_share, over_all_heads, scatter_heads
 from core.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -24,7 +24,9 @@ __all__ = [
     "check_partitions",
     "gather_heads",
     "local_heads",
+    "local_share",
     "local_shard",
+    "over_all_heads",
     "scatter_heads",
     "sharded_parameter",
 ]

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from torch import nn
+
 from core.distributed import get_tp_group
-from core.layers.partition import split_heads
+from core.layers.partition import local_heads, split_heads
 
 
 def gather_heads(local: torch.Tensor, num_heads: int, group: str) -> torch.Tensor:
@@ -30,3 +32,26 @@ def scatter_heads(full: torch.Tensor, num_heads: int, group: str) -> torch.Tenso
         return full
     segment = split_heads(num_heads, full.shape[-1] // num_heads, tp)
     return full[..., segment.start:segment.start + segment.local]
+
+
+def local_share(size: int, num_heads: int, group: str) -> int:
+    """This rank's part of a size that is `num_heads` equal heads (a Mamba2 mixer's intermediate size)."""
+    return size // num_heads * local_heads(num_heads, group)
+
+
+def over_all_heads(module: nn.Module, num_heads: int, group: str) -> nn.Module:
+    """`module` (built at full size) applied to every head at once, as at TP=1: its tensor inputs are gathered
+    over the group, its output scattered back to this rank's heads. Hooks, so its parameters keep their names
+    (Mamba2's gated RMSNorm over the whole intermediate size when its groups are fewer than the ranks)."""
+    if get_tp_group(group).size == 1:
+        return module
+
+    def gather_inputs(_, args):
+        return tuple(gather_heads(arg, num_heads, group) if isinstance(arg, torch.Tensor) else arg for arg in args)
+
+    def scatter_output(_, args, output):
+        return scatter_heads(output, num_heads, group)
+
+    module.register_forward_pre_hook(gather_inputs)
+    module.register_forward_hook(scatter_output)
+    return module

@@ -78,6 +78,9 @@ class TensorParallelPlan:
     # (class, attribute) → the head count it is made of: a size __init__ computes without naming heads (Mamba2's
     # `intermediate_size = expand * hidden_size`) that each rank holds its heads' share of.
     per_rank_sizes: dict[tuple[str, str], str] = field(default_factory=dict)
+    # (class, attribute) → a merged layer of that class: a full-size tensor laid out like the layer's output
+    # (Falcon-H1's `mup_vector`), read as this rank's columns.
+    sliced_like: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def replicated_by_default(self) -> list[str]:
@@ -93,15 +96,17 @@ def _override_file(spec: ModelSpec) -> Path:
     return OVERRIDES_DIR / f"{spec.model_type}.yaml"
 
 
-def _load_overrides(spec: ModelSpec) -> tuple[dict, dict, dict]:
+def _load_overrides(spec: ModelSpec) -> tuple[dict, dict, dict, dict]:
     path = _override_file(spec)
     if not path.is_file():
-        return {}, {}, {}
+        return {}, {}, {}, {}
     data = yaml.safe_load(path.read_text()) or {}
-    unknown = set(data) - {"weights", "reductions", "per_rank"}
+    unknown = set(data) - {"weights", "reductions", "per_rank", "sliced_like"}
     if unknown:
-        raise ScaffoldError(f"{path}: unknown sections {sorted(unknown)}; allowed: weights, reductions, per_rank")
-    return data.get("weights") or {}, data.get("reductions") or {}, data.get("per_rank") or {}
+        raise ScaffoldError(f"{path}: unknown sections {sorted(unknown)}; allowed: weights, reductions, per_rank, "
+                            f"sliced_like")
+    return (data.get("weights") or {}, data.get("reductions") or {}, data.get("per_rank") or {},
+            data.get("sliced_like") or {})
 
 
 def _experts_role(class_spec, attribute: str) -> WeightRole | None:
@@ -183,7 +188,7 @@ def _override_role(entry: dict, where: str) -> WeightRole:
 
 
 def _add_override_roles(plan: TensorParallelPlan, spec: ModelSpec, weights: dict[tuple[str, str], str]) -> None:
-    override_weights, override_reductions, per_rank = _load_overrides(spec)
+    override_weights, override_reductions, per_rank, sliced_like = _load_overrides(spec)
     path = _override_file(spec)
     for key, entry in override_weights.items():
         class_name, _, attribute = key.partition(".")
@@ -202,6 +207,12 @@ def _add_override_roles(plan: TensorParallelPlan, spec: ModelSpec, weights: dict
             raise ScaffoldError(f"{path}: per_rank '{key}: {heads!r}' needs a class of the model and the config "
                                 f"expression of the heads the size is made of (e.g. config.mamba_n_heads)")
         plan.per_rank_sizes[(class_name, attribute)] = heads
+    for key, layer in sliced_like.items():
+        class_name, _, attribute = key.partition(".")
+        role = plan.roles.get((class_name, str(layer)))
+        if role is None or role.role != "merged_column":
+            raise ScaffoldError(f"{path}: sliced_like '{key}: {layer}' needs a merged_column layer of {class_name}")
+        plan.sliced_like[(class_name, attribute)] = layer
 
 
 def _add_experts_reductions(plan: TensorParallelPlan, classes: dict) -> None:

@@ -65,6 +65,8 @@ TINY_DIMENSIONS = {
     "linear_value_head_dim": 16,
     # Mamba2 mixers (Granite 4 hybrid, Falcon-H1, Bamba): 8 heads of expand * hidden_size / 8, a small state.
     "mamba_n_heads": 8,
+    "mamba_d_head": 16,
+    "mamba_d_ssm": 128,  # Falcon-H1 sizes the mixer itself: 8 heads x 16
     "mamba_d_state": 16,
     "shared_intermediate_size": 64,
     # Encoder-decoder families' causal LM is their decoder, sized by its own keys (BART, Marian, Whisper, TrOCR).

@@ -502,7 +502,13 @@ class _ApplyPlan(cst.CSTTransformer):
 
     def leave_Attribute(self, original_node: cst.Attribute, updated_node: cst.Attribute) -> cst.BaseExpression:
         """Outside __init__ (which sizes the full layers), a head-sharded class's `self.config.num_*_heads`
-        counts the heads of this rank's activations (Phi-3's `query_pos` slicing its q|k|v output)."""
+        counts the heads of this rank's activations (Phi-3's `query_pos` slicing its q|k|v output); a tensor laid
+        out like a merged layer's output is read as this rank's columns of it."""
+        if (self._class_stack and self._function_stack and self._function_stack[-1] != "__init__"
+                and m.matches(updated_node, m.Attribute(value=m.Name("self")))
+                and (self._class_stack[-1], updated_node.attr.value) in self.plan.sliced_like):
+            layer = self.plan.sliced_like[(self._class_stack[-1], updated_node.attr.value)]
+            return cst.parse_expression(f"self.{layer}.local_columns(self.{updated_node.attr.value})")
         if (self._class_stack and self._class_stack[-1] in self._head_classes
                 and self._function_stack and self._function_stack[-1] != "__init__"
                 and m.matches(updated_node, m.Attribute(value=m.Attribute(value=m.Name("self"), attr=m.Name("config")),
@@ -709,19 +715,22 @@ class _ApplyPlan(cst.CSTTransformer):
         last = elements[-1].with_changes(comma=cst.Comma()) if len(elements) == 1 else elements[-1]
         return cst.Tuple(commas + [last]), dtype
 
-    def _spanning_per_rank_size(self, class_name: str, value: cst.BaseExpression) -> cst.Call | None:
-        """`Norm(self.intermediate_size, ...)` over a per-rank size: built at full size and applied to every head at
-        once (`over_all_heads(Norm(<full size>, ...), heads, "attn_tp")`), as at TP=1."""
-        if not (m.matches(value, m.Call(func=m.Name())) and NORM_CLASS.search(value.func.value)):
-            return None
-        sized_by = [heads for (owner, attribute), heads in self.plan.per_rank_sizes.items() if owner == class_name
-                    and m.findall(value, m.Attribute(value=m.Name("self"), attr=m.Name(attribute)))]
-        if not sized_by:
-            return None
-        self.imports.add("over_all_heads")
-        return cst.Call(cst.Name("over_all_heads"), args=[
-            cst.Arg(self._full_head_counts_in(value, class_name), comma=_comma()),
-            cst.Arg(cst.parse_expression(sized_by[0]), comma=_comma()), cst.Arg(cst.SimpleString('"attn_tp"'))])
+    def _spanning_per_rank_size(self, class_name: str, value: cst.BaseExpression) -> cst.BaseExpression | None:
+        """`Norm(self.intermediate_size, ...)` over a per-rank size (also as a branch of `... if c else
+        nn.Identity()`): built at full size and applied to every head at once (`over_all_heads(Norm(<full size>,
+        ...), heads, "attn_tp")`), as at TP=1."""
+        norms = [call for call in m.findall(value, m.Call(func=m.Name()))
+                 if NORM_CLASS.search(call.func.value) and (value is call or m.matches(value, m.IfExp()))]
+        for norm in norms:
+            sized_by = [heads for (owner, attribute), heads in self.plan.per_rank_sizes.items() if owner == class_name
+                        and m.findall(norm, m.Attribute(value=m.Name("self"), attr=m.Name(attribute)))]
+            if sized_by:
+                self.imports.add("over_all_heads")
+                wrapped = cst.Call(cst.Name("over_all_heads"), args=[
+                    cst.Arg(self._full_head_counts_in(norm, class_name), comma=_comma()),
+                    cst.Arg(cst.parse_expression(sized_by[0]), comma=_comma()), cst.Arg(cst.SimpleString('"attn_tp"'))])
+                return value.deep_replace(norm, wrapped) if value is not norm else wrapped
+        return None
 
     def _merged_output_split(self, call: cst.Call) -> cst.Call | None:
         """`self.c_attn(x).split(self.split_size, dim=2)` on a merged column layer's output: the rank's output holds

@@ -77,6 +77,15 @@ class SegmentedColumnLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return local_linear(x, self.weight, self.bias)
 
+    def local_columns(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's entries of a tensor laid out like the full output on its last dim (Falcon-H1 scales each
+        output section by its own multiplier): the rank's part of each segment, in order."""
+        pieces, disk_offset = [], 0
+        for segment in self.segments:
+            pieces.append(full[..., disk_offset + segment.start : disk_offset + segment.start + segment.local])
+            disk_offset += segment.full
+        return torch.cat(pieces, dim=-1)
+
     @property
     def split_sizes(self) -> list[int]:
         """This rank's size of each segment, in order: `output.split(layer.split_sizes, dim=-1)`."""

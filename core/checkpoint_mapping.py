@@ -121,16 +121,20 @@ class ModelNamedCheckpoint:
             self._add(name, transforms)
 
     def _add(self, name: str, transforms: list) -> None:
-        key = _text_tower_name(name)
-        for transform in transforms:
-            renamed, pattern = transform.rename_source_key(key)
-            if pattern is not None and isinstance(transform, WeightConverter):
-                _, parts = self.converted.setdefault(renamed, (transform, defaultdict(dict)))
-                parts[pattern][_module_list_number(pattern, key)] = name
-                return
-            key = renamed
-        if key != name:
-            self.renamed[key] = name
+        # A composite checkpoint's tensor is offered under its own name and, for a text-only port, under the text
+        # model's; transformers' conversion mapping applies to either.
+        for start in dict.fromkeys((name, _text_tower_name(name))):
+            key = start
+            for transform in transforms:
+                renamed, pattern = transform.rename_source_key(key)
+                if pattern is not None and isinstance(transform, WeightConverter):
+                    _, parts = self.converted.setdefault(renamed, (transform, defaultdict(dict)))
+                    parts[pattern][_module_list_number(pattern, key)] = name
+                    break
+                key = renamed
+            else:
+                if key != name and key not in self.checkpoint:
+                    self.renamed[key] = name
 
     def __contains__(self, name: str) -> bool:
         return name in self.checkpoint or name in self.renamed or name in self.converted

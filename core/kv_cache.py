@@ -35,7 +35,8 @@ class StaticKVCache(RecurrentStates):
     @classmethod
     def for_model(cls, config: PreTrainedConfig, max_len: int, device: torch.device,
                   batch_size: int | None = None) -> "StaticKVCache":
-        return cls(config.num_hidden_layers, max_len, device, batch_size)
+        # A composite model (BLT, speech-to-text) counts its decoder's layers in its text config.
+        return cls(config.get_text_config(decoder=True).num_hidden_layers, max_len, device, batch_size)
 
     def row(self, index: int) -> "CacheRow":
         """The cache as one row (batch 1) sees it: a prompt prefilled alone into row `index` of a running batch."""

@@ -45,7 +45,11 @@ class ModelSource:
 
     @property
     def config_module(self) -> str:
-        return f"{self.package}.{self.configuration_path.stem}"
+        if self.copy_configuration:
+            return f"{self.package}.{self.configuration_path.stem}"
+        # transformers' own: the configuration's folder, which may not be the modeling file's (InternLM3's config
+        # with Llama's modeling).
+        return f"transformers.models.{self.configuration_path.parent.name}.{self.configuration_path.stem}"
 
 
 def transformers_models_dir() -> Path:
@@ -114,11 +118,14 @@ def locate_transformers_model(name: str) -> ModelSource:
     modeling = folder / f"modeling_{folder_name}.py"
     model_type = _auto_model_type(models_dir, name)
     causal_lm = auto_causal_lm_classes(models_dir)[model_type] if model_type else None
+    own_configuration = folder / f"configuration_{folder_name}.py"
     if causal_lm and not _defines(modeling, causal_lm):
         # The class lives in another file: a variant's own (data2vec-text) or the model it reuses (gpt-sw3's gpt2).
         modeling = _file_defining(models_dir, causal_lm) or modeling
         folder = modeling.parent
     configuration = folder / modeling.name.replace("modeling_", "configuration_", 1)
+    if modeling.parent != own_configuration.parent and own_configuration.is_file():
+        configuration = own_configuration  # InternLM3 runs Llama's code with its own config class
     if not modeling.is_file():
         close = difflib.get_close_matches(name, causal_lm_models(models_dir), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; the causal LMs are the folders of {models_dir}"

@@ -129,6 +129,13 @@ def _experts_role(class_spec, attribute: str) -> WeightRole | None:
     return None
 
 
+# BERT-style blocks name their projections `dense` and tell them apart by class: the attention's output
+# (BertSelfOutput), the feed-forward's input (BertIntermediate) and output (BertOutput).
+BERT_DENSE_ROLES = ((re.compile(r"SelfOutput$"), WeightRole("row", "attn_tp", "config.num_attention_heads")),
+                    (re.compile(r"Intermediate$"), WeightRole("column", "moe_tp")),
+                    (re.compile(r"(?<!Self)Output$"), WeightRole("row", "moe_tp")))
+
+
 def _rule_role(class_name: str, attribute: str, kind: str, key_value_heads: str) -> WeightRole | None:
     if kind != "linear" and ROUTER_CLASS.search(class_name):
         return WeightRole("replicated")
@@ -156,6 +163,10 @@ def _rule_role(class_name: str, attribute: str, kind: str, key_value_heads: str)
             return WeightRole("column", "moe_tp")
         if attribute in FEED_FORWARD_OUT:
             return WeightRole("row", "moe_tp")
+    if attribute == "dense":
+        role = next((role for pattern, role in BERT_DENSE_ROLES if pattern.search(class_name)), None)
+        if role is not None:
+            return role
     if LAYER_CLASS.search(class_name) and attribute in LAYER_FEED_FORWARD:
         return WeightRole(LAYER_FEED_FORWARD[attribute], "moe_tp")
     return None
@@ -303,6 +314,24 @@ def _derived_role(spec: ModelSpec, class_name: str, attribute: str, kind: str,
     return role or WeightRole("replicated", source="default")
 
 
+def _output_embedding_roles(spec: ModelSpec, classes: dict) -> dict[tuple[str, str], WeightRole]:
+    """The linear the causal LM's `get_output_embeddings` returns is its LM head, whatever it is called (BERT's
+    `cls.predictions.decoder`, RoBERTa's `lm_head.decoder`); a vocabulary-sized bias beside it (tied to the
+    head's) splits with the vocabulary."""
+    owner, path = spec.causal_lm_class, spec.classes[spec.causal_lm_class].output_embeddings
+    for attribute in path[:-1]:
+        owner = spec.classes[owner].children.get(attribute) if owner in spec.classes else None
+    if not path or owner not in classes:
+        return {}
+    roles = {}
+    for weight in classes[owner].weights:
+        if weight.attribute == path[-1] and weight.kind == "linear":
+            roles[(owner, weight.attribute)] = WeightRole("lm_head", "lmhead_tp")
+        elif weight.kind == "parameter" and re.fullmatch(r"torch\.\w+\(config\.vocab_size\)", weight.arguments):
+            roles[(owner, weight.attribute)] = WeightRole("sharded", "lmhead_tp", dim=0)
+    return roles if any(role.role == "lm_head" for role in roles.values()) else {}
+
+
 def plan_tensor_parallel(spec: ModelSpec) -> TensorParallelPlan:
     classes = spec.causal_lm_classes()
     weights = {
@@ -314,6 +343,8 @@ def plan_tensor_parallel(spec: ModelSpec) -> TensorParallelPlan:
     _add_override_roles(plan, spec, weights)
     _add_experts_reductions(plan, classes)
     hf_roles = _hf_plan_roles(spec)
+    for key, role in _output_embedding_roles(spec, classes).items():
+        plan.roles.setdefault(key, role)
     for (class_name, attribute), kind in weights.items():
         if (class_name, attribute) not in plan.roles:
             plan.roles[(class_name, attribute)] = _derived_role(spec, class_name, attribute, kind, hf_roles)

@@ -90,7 +90,9 @@ ARCHITECTURE_OVERRIDES: dict[str, dict] = {
     "bamba": {"attn_layer_indices": [0]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 0},
     "recurrent_gemma": {"block_types": ["attention", "recurrent"]},
-    "mamba2": {"num_heads": 8},  # heads x head_dim must equal expand x hidden_size
+    "mamba2": {"num_heads": 8},
+    "zaya": {"num_experts_per_tok": 1},  # the only routing ZAYA supports
+    "gemma3n_text": {"num_kv_shared_layers": 0},  # KV sharing needs more layers than two  # heads x head_dim must equal expand x hidden_size
     "gpt_oss": {"layer_types": ["sliding_attention", "full_attention"]},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # one entry per layer: 2 layers
     "gemma3_text": {"layer_types": ["sliding_attention", "full_attention"]},

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from core.model_runner import ModelRunner
@@ -110,12 +111,26 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+def _hf_causal_lm(checkpoint: Path) -> torch.nn.Module:
+    """The checkpoint's model as HF's auto class builds it, or — for a text model the auto mapping does not list
+    (Mllama's and Emu3's text configs) — the class its config.json's `architectures` names."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, trust_remote_code=True)
+    except ValueError as error:
+        architectures = json.loads((Path(checkpoint) / "config.json").read_text()).get("architectures") or []
+        model_class = getattr(transformers, architectures[0], None) if architectures else None
+        if model_class is None or "Unrecognized configuration class" not in str(error):
+            raise
+        model = model_class.from_pretrained(checkpoint, dtype=torch.float32)
+    return model.eval()
+
+
 def hf_reference(checkpoint: Path, prompts: list[str], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """HF eager greedy tokens [batch, steps] and raw logits [batch, steps, vocab] (fp32, CPU, EOS ignored)."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
     # A model whose code ships with its checkpoint (config.json's auto_map) is its own reference: HF runs
     # that code, as `trust_remote_code` users do; the port was generated from the same files without running them.
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, trust_remote_code=True).eval()
+    model = _hf_causal_lm(checkpoint)
     # generate() falls back to the checkpoint's generation_config for an eos_token_id left unset: clear it
     # there, or HF stops a row at EOS and pads it while the port (ignoring EOS) goes on.
     model.generation_config.eos_token_id = None

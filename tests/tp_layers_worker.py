@@ -133,7 +133,7 @@ def main() -> None:
 
         embedding = load(VocabParallelEmbedding(VOCAB, HIDDEN, padding_idx=0), "embed")
         results["vocab_embedding"] = (embedding(ids) - F.embedding(ids, full["embed"])).abs().max().item()
-        lm_head = load(ParallelLMHead(HIDDEN, VOCAB), "embed")
+        lm_head = load(ParallelLMHead(HIDDEN, VOCAB, bias=False), "embed")
         results["lm_head_gathered"] = (lm_head(x) - F.linear(x, full["embed"])).abs().max().item()
 
         transposed = load(ColumnParallelLinear(HIDDEN, INTERMEDIATE, group="moe_tp", checkpoint_transposed=True),

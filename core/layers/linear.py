@@ -185,7 +185,7 @@ class RowParallelLinear(nn.Linear):
 class ParallelLMHead(ColumnParallelLinear):
     """Vocabulary split over `group`; every rank gets the full logits (gathered)."""
 
-    def __init__(self, in_features: int, vocab_size: int, bias: bool = False, group: str = "lmhead_tp",
+    def __init__(self, in_features: int, vocab_size: int, bias: bool = True, group: str = "lmhead_tp",
                  dtype: torch.dtype | None = None):
         super().__init__(in_features, vocab_size, bias=bias, group=group, dtype=dtype)
 

@@ -41,6 +41,7 @@ class ClassSpec:
     config_annotation: str | None = None
     # What `get_output_embeddings` returns, as attributes from self: ("lm_head", "decoder") for BERT-style heads.
     output_embeddings: tuple[str, ...] = ()
+    input_embeddings: tuple[str, ...] = ()  # likewise for `get_input_embeddings` (Mamba's `embeddings`, CTRL's `w`)
 
     @property
     def is_experts(self) -> bool:
@@ -150,11 +151,11 @@ class _ClassCollector(cst.CSTVisitor):
             config = next((param for param in node.params.params if param.name.value == "config"), None)
             if config is not None and config.annotation is not None:
                 self._class_stack[-1].config_annotation = _dotted(config.annotation.annotation)
-        elif self._method == "get_output_embeddings":
+        elif self._method in ("get_output_embeddings", "get_input_embeddings"):
             returned = m.findall(node, m.Return(value=m.Attribute()))
             path = _dotted(returned[0].value).split(".") if len(returned) == 1 else []
             if path[:1] == ["self"] and len(path) > 1:
-                self._class_stack[-1].output_embeddings = tuple(path[1:])
+                setattr(self._class_stack[-1], self._method.removeprefix("get_"), tuple(path[1:]))
         elif self._method == "forward":
             self._class_stack[-1].forward_params = params
             self._class_stack[-1].forward_annotations = {

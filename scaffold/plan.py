@@ -332,6 +332,14 @@ def _output_embedding_roles(spec: ModelSpec, classes: dict) -> dict[tuple[str, s
     return roles if any(role.role == "lm_head" for role in roles.values()) else {}
 
 
+def _input_embedding_roles(classes: dict) -> dict[tuple[str, str], WeightRole]:
+    """The embedding a model's `get_input_embeddings` returns is its vocabulary, whatever it is called."""
+    return {(name, spec.input_embeddings[0]): WeightRole("vocab_embedding", "embed_tp")
+            for name, spec in classes.items() if len(spec.input_embeddings) == 1
+            and any(weight.attribute == spec.input_embeddings[0] and weight.kind == "embedding"
+                    for weight in spec.weights)}
+
+
 def plan_tensor_parallel(spec: ModelSpec) -> TensorParallelPlan:
     classes = spec.causal_lm_classes()
     weights = {
@@ -343,7 +351,7 @@ def plan_tensor_parallel(spec: ModelSpec) -> TensorParallelPlan:
     _add_override_roles(plan, spec, weights)
     _add_experts_reductions(plan, classes)
     hf_roles = _hf_plan_roles(spec)
-    for key, role in _output_embedding_roles(spec, classes).items():
+    for key, role in {**_input_embedding_roles(classes), **_output_embedding_roles(spec, classes)}.items():
         plan.roles.setdefault(key, role)
     for (class_name, attribute), kind in weights.items():
         if (class_name, attribute) not in plan.roles:

@@ -7,15 +7,15 @@ then verified against HF eager at TP=1 and TP=2 by `recipes-scaffold sweep`.
 - glm: gate|up fused on disk as `2 * intermediate_size`: each half splits on its own.
 - llama4_text: chunked local attention (chunks counted from each row's first real token).
 - deepseek_v32: indexed (sparse) attention: a causal mask and a static cache for the indexer's keys.
-- qwen3_next: Gated DeltaNet beside full attention: conv and recurrent states in the static cache, HF's padding
-  mask for the linear layers, an attention layer first in the tiny config.
 - lfm2: short-convolution layers (a conv state, no recurrent one) under the `conv` layer type.
-- gpt2: no *ForCausalLM class: the one transformers' auto mapping names (GPT2LMHeadModel).
-- gemma3: a composite (multimodal) checkpoint run by the port of its text causal LM.
 - bart: a decoder counting learned positions from the cache length; HF's forced EOS is not greedy decoding.
+- roberta: a BERT-style decoder: `is_decoder` in the tiny config, its LM head found by get_output_embeddings (a
+  vocabulary bias tied to it), its `dense` layers told apart by class.
 
 Per-head attention sinks split with the heads, and a q/k norm spanning all heads, are proven by the committed
-gpt_oss and olmo2 ports' own TP=2 tests.
+gpt_oss and olmo2 ports' own TP=2 tests; linear attention and Mamba2 mixers (recurrent states, split by heads) by
+qwen3_next, qwen3_5_text, granitemoehybrid and falcon_h1; the auto mapping's LM-head class and GPT-2's Conv1D by
+gpt2; a composite checkpoint by gemma3.
 """
 
 import json
@@ -23,8 +23,7 @@ import json
 import pytest
 from conftest import run_cli
 
-ARCHITECTURES = ["falcon", "gpt_neo", "afmoe", "glm", "llama4_text", "deepseek_v32", "qwen3_next", "lfm2", "gpt2",
-                 "gemma3", "bart"]
+ARCHITECTURES = ["falcon", "gpt_neo", "afmoe", "glm", "llama4_text", "deepseek_v32", "lfm2", "bart", "roberta"]
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """Generator rules that no committed port exercises, each proven on the architecture that needs it: generated,
 then verified against HF eager at TP=1 and TP=2 by `recipes-scaffold sweep`.
 
-- falcon: one KV head shared by all query heads; the static cache takes its shapes from the model's first write.
-- gpt_neo: head counts named `num_heads`, `head_dim` and the __init__ size checks computed from the full count.
 - afmoe: a per-head output gate projection, column-parallel by heads.
 - glm: gate|up fused on disk as `2 * intermediate_size`: each half splits on its own.
 - llama4_text: chunked local attention (chunks counted from each row's first real token).
@@ -13,7 +11,9 @@ then verified against HF eager at TP=1 and TP=2 by `recipes-scaffold sweep`.
   vocabulary bias tied to it), its `dense` layers told apart by class.
 
 Per-head attention sinks split with the heads, and a q/k norm spanning all heads, are proven by the committed
-gpt_oss and olmo2 ports' own TP=2 tests; linear attention and Mamba2 mixers (recurrent states, split by heads) by
+gpt_oss and olmo2 ports' own TP=2 tests; one KV head shared by every query head (the static cache shaped by the
+model's first write) by every GQA port's one-KV-head case; head counts named `num_heads` with __init__ size checks
+on the full count by gpt2; linear attention and Mamba2 mixers (recurrent states, split by heads) by
 qwen3_next, qwen3_5_text, granitemoehybrid and falcon_h1; the auto mapping's LM-head class and GPT-2's Conv1D by
 gpt2; a composite checkpoint by gemma3.
 """
@@ -23,7 +23,7 @@ import json
 import pytest
 from conftest import run_cli
 
-ARCHITECTURES = ["falcon", "gpt_neo", "afmoe", "glm", "llama4_text", "deepseek_v32", "lfm2", "bart", "roberta"]
+ARCHITECTURES = ["afmoe", "glm", "llama4_text", "deepseek_v32", "lfm2", "bart", "roberta"]
 
 
 @pytest.fixture(scope="module")

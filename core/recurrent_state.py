@@ -58,10 +58,7 @@ class RecurrentStates:
         """Keep the last kernel-width inputs [batch, channels, kernel]; return what the convolution must see: the
         new inputs after the previous state (decode), or the prompt's inputs left-padded to the kernel width."""
         key = (layer_idx, state_idx)
-        if key not in self.conv_states:
-            width = conv_kernel_size or conv_states.shape[-1]
-            self.conv_states[key] = self._allocate_state(conv_states, (*conv_states.shape[:-1], width), layer_idx)
-        buffer = self.conv_states[key]
+        buffer = self._conv_buffer(conv_states, key, conv_kernel_size)
         if self.has_previous_state.get(key):
             full = torch.cat([buffer.to(conv_states.dtype), conv_states], dim=-1)
         else:
@@ -73,16 +70,27 @@ class RecurrentStates:
     def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
                                **kwargs) -> torch.Tensor:
         key = (layer_idx, state_idx)
-        if key not in self.recurrent_states:
-            self.recurrent_states[key] = self._allocate_state(recurrent_states, recurrent_states.shape, layer_idx)
-        self.recurrent_states[key].copy_(recurrent_states)
+        buffer = self._recurrent_buffer(recurrent_states, key)
+        buffer.copy_(recurrent_states)
         self.has_previous_state[key] = True
-        return self.recurrent_states[key]
+        return buffer
 
     @staticmethod
     def _left_padded(conv_states: torch.Tensor, width: int) -> torch.Tensor:
         missing = width - conv_states.shape[-1]
         return torch.nn.functional.pad(conv_states, (missing, 0)) if missing > 0 else conv_states
+
+    def _conv_buffer(self, conv_states: torch.Tensor, key: StateKey, kernel_size: int | None) -> torch.Tensor:
+        """The layer's [rows, channels, kernel] conv buffer, allocated at its first write."""
+        if key not in self.conv_states:
+            width = kernel_size or conv_states.shape[-1]
+            self.conv_states[key] = self._allocate_state(conv_states, (*conv_states.shape[:-1], width), key[0])
+        return self.conv_states[key]
+
+    def _recurrent_buffer(self, recurrent_states: torch.Tensor, key: StateKey) -> torch.Tensor:
+        if key not in self.recurrent_states:
+            self.recurrent_states[key] = self._allocate_state(recurrent_states, recurrent_states.shape, key[0])
+        return self.recurrent_states[key]
 
     def _allocate_state(self, like: torch.Tensor, shape, layer_idx: int) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -112,10 +120,7 @@ class RecurrentStatesRow:
     def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
                           conv_kernel_size: int | None = None, **kwargs) -> torch.Tensor:
         states, key = self.states, (layer_idx, state_idx)
-        if key not in states.conv_states:
-            width = conv_kernel_size or conv_states.shape[-1]
-            states.conv_states[key] = states._allocate_state(conv_states, (*conv_states.shape[:-1], width), layer_idx)
-        buffer = states.conv_states[key]
+        buffer = states._conv_buffer(conv_states, key, conv_kernel_size)
         full = RecurrentStates._left_padded(conv_states, buffer.shape[-1])
         buffer[self.rows].copy_(full[..., -buffer.shape[-1]:])
         states.has_previous_state[key] = True
@@ -124,9 +129,7 @@ class RecurrentStatesRow:
     def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
                                **kwargs) -> torch.Tensor:
         states, key = self.states, (layer_idx, state_idx)
-        if key not in states.recurrent_states:
-            states.recurrent_states[key] = states._allocate_state(recurrent_states, recurrent_states.shape, layer_idx)
-        buffer = states.recurrent_states[key][self.rows]
+        buffer = states._recurrent_buffer(recurrent_states, key)[self.rows]
         buffer.copy_(recurrent_states)
         states.has_previous_state[key] = True
         return buffer

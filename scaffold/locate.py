@@ -98,11 +98,7 @@ def _auto_model_type(models_dir: Path, name: str) -> str | None:
 
 def _file_defining(models_dir: Path, class_name: str) -> Path | None:
     """The modeling file that defines `class_name` (gpt-sw3's GPT2LMHeadModel is gpt2's)."""
-    pattern = re.compile(rf"^class {re.escape(class_name)}\(", re.MULTILINE)
-    for path in sorted(models_dir.glob("*/modeling_*.py")):
-        if pattern.search(path.read_text(encoding="utf-8")):
-            return path
-    return None
+    return next((path for path in sorted(models_dir.glob("*/modeling_*.py")) if _defines(path, class_name)), None)
 
 
 def _defines(path: Path, class_name: str) -> bool:

@@ -650,17 +650,22 @@ class _ApplyPlan(cst.CSTTransformer):
         if len(positional) != 2:
             raise ScaffoldError(f"{self.spec.source.display_modeling}: {where} is not built as "
                                 f"nn.Linear(in_features, out_features, ...); merged_column cannot rewrite it")
-        sizes = cst.List([cst.Element(self._full_head_counts_in(cst.parse_expression(size), class_name))
-                          for size in role.output_sizes])
-        heads = cst.List([cst.Element(cst.parse_expression(str(count))) for count in role.segment_heads])
+        sizes, extra = self._segment_arguments(role, class_name)
         args = [positional[0], cst.Arg(sizes)] + [arg for arg in call.args if arg.keyword is not None]
         args = [arg.with_changes(comma=_comma()) for arg in args[:-1]] + [args[-1]]
-        extra = [_keyword("group", cst.SimpleString(f'"{role.group}"'))]
-        if any(count is not None for count in role.segment_heads):
-            extra.append(_keyword("num_heads", heads))
         self.imports.add(MERGED_LAYER)
         return cst.Call(cst.Name(MERGED_LAYER), args=_with_trailing_args(cst.Call(cst.Name(MERGED_LAYER), args=args),
                                                                           extra))
+
+    def _segment_arguments(self, role: WeightRole, class_name: str) -> tuple[cst.List, list[cst.Arg]]:
+        """A segmented role's full segment sizes, and its `group=` / `num_heads=[...]` keywords."""
+        sizes = cst.List([cst.Element(self._full_head_counts_in(cst.parse_expression(size), class_name))
+                          for size in role.output_sizes])
+        extra = [_keyword("group", cst.SimpleString(f'"{role.group}"'))]
+        if any(count is not None for count in role.segment_heads):
+            heads = cst.List([cst.Element(cst.parse_expression(str(count))) for count in role.segment_heads])
+            extra.append(_keyword("num_heads", heads))
+        return sizes, extra
 
     def _channels_call(self, call: cst.Call, role: WeightRole, class_name: str, where: str) -> cst.Call:
         """`nn.Conv1d(in_channels=c, out_channels=c, groups=c, kernel_size=k, ...)` (depthwise) →
@@ -669,16 +674,11 @@ class _ApplyPlan(cst.CSTTransformer):
         if any(arg.keyword is None for arg in call.args) or not {"in_channels", "out_channels", "groups"} <= set(keywords):
             raise ScaffoldError(f"{self.spec.source.display_modeling}: {where} is not built as nn.Conv1d(in_channels=c, "
                                 f"out_channels=c, groups=c, ...); the channels role splits depthwise convolutions only")
-        sections = cst.List([cst.Element(self._full_head_counts_in(cst.parse_expression(size), class_name))
-                             for size in role.output_sizes])
-        heads = cst.List([cst.Element(cst.parse_expression(str(count))) for count in role.segment_heads])
+        sections, extra = self._segment_arguments(role, class_name)
         kept = [arg for name, arg in keywords.items() if name not in ("in_channels", "out_channels", "groups")]
         args = [cst.Arg(sections)] + kept
         args = [arg.with_changes(comma=_comma()) for arg in args[:-1]] + [args[-1].with_changes(
             comma=cst.MaybeSentinel.DEFAULT)]
-        extra = [_keyword("group", cst.SimpleString(f'"{role.group}"'))]
-        if any(count is not None for count in role.segment_heads):
-            extra.append(_keyword("num_heads", heads))
         self.imports.add("ChannelParallelConv1d")
         return cst.Call(cst.Name("ChannelParallelConv1d"),
                         args=_with_trailing_args(cst.Call(cst.Name("ChannelParallelConv1d"), args=args), extra))

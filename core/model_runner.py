@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from core.safetensors_reader import SafetensorsCheckpoint
 from core.sampling import Sampler, SamplingParams, resolve_sampling, seen_tokens
 from core.settings import is_placeholder_path, validate_runner_settings
 from core.timing import GenerationTiming, StepTimer
-from core.weights import load_checkpoint_into
+from core.weights import held_whole, load_checkpoint_into
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,21 @@ class ModelRunner:
         self.model = self._build_model(config, initialize_weights=False)
         with self._open_checkpoint(self.model_path) as checkpoint:
             load_checkpoint_into(self.model, checkpoint)
+            if self.world_size > 1:
+                self._report_held_whole(held_whole(self.model, checkpoint))
+
+    def _report_held_whole(self, whole: dict[str, int]) -> None:
+        """One line: the bytes every rank holds whole (replicated), by weight with the layer index dropped."""
+        total = sum(param.numel() * param.element_size() for param in self.model.parameters())
+        by_weight: dict[str, int] = {}
+        for name, size in whole.items():
+            key = re.sub(r"\.\d+\.", ".*.", name)
+            by_weight[key] = by_weight.get(key, 0) + size
+        largest = sorted(by_weight.items(), key=lambda item: -item[1])
+        shown = ", ".join(f"{name} {_megabytes(size)}" for name, size in largest[:3])
+        more = f" and {len(largest) - 3} more" if len(largest) > 3 else ""
+        logger.info("rank %d holds %s of its %s whole, as every rank does: %s%s", self.global_rank,
+                    _megabytes(sum(whole.values())), _megabytes(total), shown, more)
 
     def _init_model_with_offline_splited_weight(self, config: PreTrainedConfig) -> None:
         rank_path = self.model_path / f"rank_{self.global_rank}"
@@ -507,3 +523,7 @@ class ModelRunner:
             eos = self.tokenizer.eos_token_id
         ids = eos if isinstance(eos, list) else [eos]
         return [token for token in ids if token is not None]
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.3g} MB"

@@ -9,6 +9,7 @@ sliced, and before any weight is read every rank's slices are checked to keep wh
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable
 
 import torch
@@ -141,6 +142,23 @@ def check_quantized_splits(model: torch.nn.Module, checkpoint: ModelNamedCheckpo
                     f"layer '{name}': {error} at {_tp_degree(model, name, target)}; choose a parallel size that "
                     f"gives every rank whole blocks"
                 ) from None
+
+
+def held_whole(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint | QuantizedCheckpoint) -> dict[str, int]:
+    """name → bytes of every tensor this rank holds entirely (as large as what the checkpoint stores for it): at
+    TP>1 what tensor parallelism did not split, norms and routers by design, anything else to review."""
+    named = ModelNamedCheckpoint(checkpoint, conversion_transforms(model))
+    targets = checkpoint_targets(model)
+    sources = {name: _sources(name, target, False, named) for name, target in targets.items()}
+    sources.update(_stored_aliases(model, sources, named))
+    whole = {}
+    for name, target in targets.items():
+        if isinstance(target, PackedWeight) or not all(source in named for source in sources[name]):
+            continue
+        stored = sum(math.prod(named.get_slice(source).get_shape()) for source in sources[name])
+        if target.numel() >= stored:
+            whole[name] = _held_bytes(target)
+    return whole
 
 
 def load_checkpoint_into(

@@ -22,6 +22,7 @@ def test_every_parallel_layer_equals_the_plain_layer_at_tp2(measurements):
                             capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert results.pop("held_whole") == ["norm"]
     measurements.append("parallel layers at TP=2, max |parallel - plain|: "
                         + ", ".join(f"{case} {diff:.1e}" for case, diff in results.items()
                                     if not isinstance(diff, str)))

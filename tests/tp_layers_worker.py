@@ -25,6 +25,8 @@ from core.layers import (
     local_shard,
     sharded_parameter,
 )
+from core.safetensors_reader import SafetensorsCheckpoint
+from core.weights import held_whole
 
 HIDDEN, HEAD_DIM, HEADS, INTERMEDIATE, VOCAB = 32, 8, 4, 24, 40
 
@@ -178,10 +180,23 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001 — the message is the result
         results["uneven_heads_rejected"] = str(error)
     path.unlink()
+    results["held_whole"] = held_whole_names(full, tp.size)
     if launch.rank == 0:
         print(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def held_whole_names(full: dict, tp_size: int) -> list[str]:
+    """What core.weights.held_whole reports for a column-parallel layer beside a norm weight: only the norm."""
+    model = torch.nn.Module()
+    model.proj = ColumnParallelLinear(HIDDEN, HEADS * HEAD_DIM, num_heads=HEADS)
+    model.norm = torch.nn.Parameter(torch.ones(HIDDEN))
+    with tempfile.TemporaryDirectory() as folder:
+        save_file({"proj.weight": full["w"], "proj.bias": full["b"], "norm": full["o_b"]},
+                  str(Path(folder) / "model.safetensors"))
+        with SafetensorsCheckpoint(folder) as checkpoint:
+            return sorted(held_whole(model, checkpoint))
 
 
 if __name__ == "__main__":

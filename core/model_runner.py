@@ -281,8 +281,9 @@ class ModelRunner:
         """Prefill and decode get their own compiled callables: decode has one fixed shape for every step;
         prefill is padded to a few bucket lengths (see `prefill_length`), one graph each."""
         float_matmuls = not any(isinstance(layer.weight, LowBitWeight) for _, layer in linear_layers(self.model))
-        self.prefill_forward = self.backend.compile(self.model.forward, self.exe_mode, float_matmuls)
-        self.decode_forward = self.backend.compile(self.model.forward, self.exe_mode, float_matmuls)
+        autotune = self.runner_settings["model_config"]["compile_autotune"]
+        self.prefill_forward = self.backend.compile(self.model.forward, self.exe_mode, float_matmuls, autotune)
+        self.decode_forward = self.backend.compile(self.model.forward, self.exe_mode, float_matmuls, autotune)
 
     def _parse_quant_hf_config(self, config: PreTrainedConfig) -> dict[str, Any] | None:
         """The checkpoint's `quantization_config` (quant_method and the method's settings), or None."""

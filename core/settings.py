@@ -58,6 +58,10 @@ SCHEMA = Section(
                 "weight_quant": Field(str, default="none", choices=WEIGHT_QUANT),
                 "weight_quant_group_size": Field(int, default=32, choices=WEIGHT_QUANT_GROUP_SIZES),
                 "device": Field(str, default="auto", choices=DEVICES),
+                # inductor modes: tune kernels while compiling (CPU: frozen weights and max-autotune GEMM templates,
+                # the fastest decode but minutes for a 30-layer model; false: inductor's default kernels, compiled
+                # in seconds). null: the device's choice (CPU: on for float weights; CUDA: off).
+                "compile_autotune": Field(bool, default=None, nullable=True),
                 "seed": Field(int, default=42, minimum=0),
                 "custom_params": Field(dict, default={}),
             }

@@ -36,16 +36,19 @@ class DeviceBackend:
     def cast_weight_format(self, module: torch.nn.Module) -> None:
         """Convert weights to the device's preferred layout (NZ on Ascend); the generic layout elsewhere."""
 
-    def compile(self, forward: Callable, exe_mode: str, float_matmuls: bool = True) -> Callable:
+    def compile(self, forward: Callable, exe_mode: str, float_matmuls: bool = True,
+                autotune: bool | None = None) -> Callable:
         """Wrap a model forward for `exe_mode`; eager returns it unchanged. float_matmuls: the linear layers
-        multiply by float weights (False when they run low-bit kernels, see core.quantization.low_bit)."""
+        multiply by float weights (False when they run low-bit kernels, see core.quantization.low_bit).
+        autotune: tune kernels while compiling (model_config.compile_autotune); None leaves it to the device."""
         if exe_mode == "eager":
             return forward
         # Prefill buckets and the decode step are separate graphs of the same forward: room for all of them.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, MAX_GRAPHS_PER_FORWARD)
-        return self._compile_graph(forward, exe_mode, float_matmuls)
+        return self._compile_graph(forward, exe_mode, float_matmuls, autotune)
 
-    def _compile_graph(self, forward: Callable, exe_mode: str, float_matmuls: bool) -> Callable:
+    def _compile_graph(self, forward: Callable, exe_mode: str, float_matmuls: bool,
+                       autotune: bool | None) -> Callable:
         raise NotImplementedError(f"{self.name} has no graph mode {exe_mode}")
 
     def profiler(self, trace_dir: Path) -> contextlib.AbstractContextManager:

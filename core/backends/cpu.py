@@ -20,11 +20,13 @@ class CpuBackend(DeviceBackend):
     def device(self, local_rank: int) -> torch.device:
         return torch.device("cpu")
 
-    def _compile_graph(self, forward: Callable, exe_mode: str, float_matmuls: bool) -> Callable:
-        if not float_matmuls:
+    def _compile_graph(self, forward: Callable, exe_mode: str, float_matmuls: bool,
+                       autotune: bool | None) -> Callable:
+        if not (float_matmuls if autotune is None else autotune):
             # Low-bit linears call torch's int4/int8 kernels, which need no prepacking: inductor's default mode
             # compiles SmolLM2 in about a minute, and without freezing its FX-graph cache (under
-            # TORCHINDUCTOR_CACHE_DIR) serves a second process in seconds.
+            # TORCHINDUCTOR_CACHE_DIR) serves a second process in seconds. Float weights take this path when
+            # compile_autotune is false: compiled in seconds, decoding at generic-BLAS speed.
             return torch.compile(forward, backend="inductor", dynamic=False)
         # Decode on CPU is a chain of matrix-vector products bound by memory bandwidth. Freezing folds the
         # inference-only weights into the graph as constants, and max-autotune then times, per weight shape,

@@ -26,8 +26,12 @@ class CudaBackend(DeviceBackend):
         torch.manual_seed(seed)
         torch.cuda.manual_seed_all(seed)
 
-    def _compile_graph(self, forward: Callable, exe_mode: str, float_matmuls: bool) -> Callable:
-        mode = "reduce-overhead" if exe_mode == "cuda_graph" else None
+    def _compile_graph(self, forward: Callable, exe_mode: str, float_matmuls: bool,
+                       autotune: bool | None) -> Callable:
+        if autotune:
+            mode = "max-autotune" if exe_mode == "cuda_graph" else "max-autotune-no-cudagraphs"
+        else:
+            mode = "reduce-overhead" if exe_mode == "cuda_graph" else None
         return torch.compile(forward, backend="inductor", mode=mode, dynamic=False)
 
     def _profiler_activities(self) -> list:

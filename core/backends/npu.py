@@ -39,7 +39,9 @@ class NpuBackend(DeviceBackend):
             if isinstance(submodule, torch.nn.Linear):
                 submodule.weight.data = torch_npu.npu_format_cast(submodule.weight.data, ACL_FORMAT_FRACTAL_NZ)
 
-    def _compile_graph(self, forward: Callable, exe_mode: str, float_matmuls: bool) -> Callable:
+    def _compile_graph(self, forward: Callable, exe_mode: str, float_matmuls: bool,
+                       autotune: bool | None) -> Callable:
+        # torchair picks its own kernels: compile_autotune is an inductor setting.
         compiler_config = torchair.CompilerConfig()
         compiler_config.experimental_config.frozen_parameter = True
         if exe_mode == "acl_graph":

@@ -81,6 +81,10 @@ class TensorParallelPlan:
     # (class, attribute) → a merged layer of that class: a full-size tensor laid out like the layer's output
     # (Falcon-H1's `mup_vector`), read as this rank's columns.
     sliced_like: dict[tuple[str, str], str] = field(default_factory=dict)
+    # (class, attribute) of modules built over a per-rank size that act on whole tensors (Falcon-Mamba's
+    # weightless dt norm, sized by the channels but applied to the time step x_proj sums over the ranks): kept
+    # as the source builds them rather than applied over all heads.
+    whole: set[tuple[str, str]] = field(default_factory=set)
 
     @property
     def replicated_by_default(self) -> list[str]:
@@ -96,17 +100,17 @@ def _override_file(spec: ModelSpec) -> Path:
     return OVERRIDES_DIR / f"{spec.model_type}.yaml"
 
 
-def _load_overrides(spec: ModelSpec) -> tuple[dict, dict, dict, dict]:
+def _load_overrides(spec: ModelSpec) -> tuple[dict, dict, dict, dict, list]:
     path = _override_file(spec)
     if not path.is_file():
-        return {}, {}, {}, {}
+        return {}, {}, {}, {}, []
     data = yaml.safe_load(path.read_text()) or {}
-    unknown = set(data) - {"weights", "reductions", "per_rank", "sliced_like"}
+    unknown = set(data) - {"weights", "reductions", "per_rank", "sliced_like", "whole"}
     if unknown:
         raise ScaffoldError(f"{path}: unknown sections {sorted(unknown)}; allowed: weights, reductions, per_rank, "
-                            f"sliced_like")
+                            f"sliced_like, whole")
     return (data.get("weights") or {}, data.get("reductions") or {}, data.get("per_rank") or {},
-            data.get("sliced_like") or {})
+            data.get("sliced_like") or {}, data.get("whole") or [])
 
 
 def _experts_role(class_spec, attribute: str) -> WeightRole | None:
@@ -199,7 +203,7 @@ def _override_role(entry: dict, where: str) -> WeightRole:
 
 
 def _add_override_roles(plan: TensorParallelPlan, spec: ModelSpec, weights: dict[tuple[str, str], str]) -> None:
-    override_weights, override_reductions, per_rank, sliced_like = _load_overrides(spec)
+    override_weights, override_reductions, per_rank, sliced_like, whole = _load_overrides(spec)
     path = _override_file(spec)
     for key, entry in override_weights.items():
         class_name, _, attribute = key.partition(".")
@@ -224,6 +228,11 @@ def _add_override_roles(plan: TensorParallelPlan, spec: ModelSpec, weights: dict
         if role is None or role.role != "merged_column":
             raise ScaffoldError(f"{path}: sliced_like '{key}: {layer}' needs a merged_column layer of {class_name}")
         plan.sliced_like[(class_name, attribute)] = layer
+    for key in whole:
+        class_name, _, attribute = str(key).partition(".")
+        if class_name not in spec.classes or not attribute:
+            raise ScaffoldError(f"{path}: whole '{key}' needs 'Class.attribute' of a class of the model")
+        plan.whole.add((class_name, attribute))
 
 
 def _add_experts_reductions(plan: TensorParallelPlan, classes: dict) -> None:

@@ -488,7 +488,9 @@ class _ApplyPlan(cst.CSTTransformer):
         self._full_locals: dict[tuple[str, str], cst.BaseExpression] = {}
         # (class, attribute) of norms over every head at once, filled from __init__ before forward is visited.
         self._head_spanning_norms: dict[tuple[str, str], str] = {}
-        self._head_classes = {cls for (cls, _), role in plan.roles.items() if role.num_heads}
+        # Classes that keep per-rank sizes: split by heads, or holding a size the override makes per-rank.
+        self._head_classes = ({cls for (cls, _), role in plan.roles.items() if role.num_heads}
+                              | {cls for cls, _ in plan.per_rank_sizes})
 
     def visit_ClassDef(self, node: cst.ClassDef) -> None:
         self._class_stack.append(node.name.value)
@@ -551,7 +553,8 @@ class _ApplyPlan(cst.CSTTransformer):
             return updated_node.with_changes(value=cst.Call(cst.Name("local_share"), args=[
                 cst.Arg(updated_node.value, comma=_comma()), cst.Arg(heads, comma=_comma()),
                 cst.Arg(cst.SimpleString('"attn_tp"'))]))
-        spanning = self._spanning_per_rank_size(class_name, updated_node.value) if in_head_init else None
+        spanning = (self._spanning_per_rank_size(class_name, updated_node.value)
+                    if in_head_init and (class_name, attribute) not in self.plan.whole else None)
         if spanning is not None:
             return updated_node.with_changes(value=spanning)
         if class_name in self._head_classes and attribute in PER_RANK_HEAD_COUNTS:

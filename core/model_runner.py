@@ -128,6 +128,7 @@ class ModelRunner:
         self.result_path = Path("results") / self.model_name
         self.model: torch.nn.Module | None = None
         self.prefill_forward = self.decode_forward = None
+        self._model_attention: str | None = None  # the model's attention implementation, before any switch
         self.tokenizer = None
         self._kv_caches: dict[int, StaticKVCache] = {}
         self.init_device()
@@ -396,6 +397,7 @@ class ModelRunner:
         if decoding:
             self.mark_inputs(model_inputs)
         forward = self.decode_forward if decoding else self.prefill_forward
+        self._select_attention(decoding)
         with torch.inference_mode():
             cache = next((value for value in model_inputs.values() if isinstance(value, StaticKVCache)), None)
             if self.exe_mode != "eager" and cache is not None and not cache.allocated:
@@ -404,6 +406,17 @@ class ModelRunner:
                 cache.begin_prompt()  # that pass advanced the recurrent states: the graph's prefill starts afresh
             outputs = forward(**model_inputs)
         return outputs.logits[:, -1, :]
+
+    def _select_attention(self, decoding: bool) -> None:
+        """Compiled decode steps may run another attention implementation than the model's (the backend's
+        `decode_attention`); each graph keeps the one it was traced with."""
+        wanted = self.backend.decode_attention if decoding and self.exe_mode != "eager" else None
+        config = self.model.config
+        if self._model_attention is None:
+            self._model_attention = config._attn_implementation
+        wanted = wanted or self._model_attention
+        if config._attn_implementation != wanted:
+            config._attn_implementation = wanted
 
     def get_jump_flag(self, step: int, max_new_tokens: int, finished: torch.Tensor) -> bool:
         return step >= max_new_tokens or bool(finished.all())

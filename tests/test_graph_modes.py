@@ -2,10 +2,13 @@
 cannot run are refused; the profiler writes a trace of the model's ops."""
 
 import json
+import logging
 
 import pytest
+import torch
 
 from conftest import run_cli
+from core.backends.cpu import CpuBackend
 from generated_models.gpt_oss.runner_gpt_oss import GptOssRunner
 from generated_models.falcon_h1.runner_falcon_h1 import FalconH1Runner
 from generated_models.granitemoehybrid.runner_granitemoehybrid import GraniteMoeHybridRunner
@@ -52,6 +55,39 @@ def test_inductor_samples_with_one_decode_graph(tiny_gpt_oss, measurements):
     assert first.timing["recompiles_after_warmup"] == again.timing["recompiles_after_warmup"] == 0
     assert greedy.timing["recompiles_after_warmup"] == 0
     assert first.output_token_ids == again.output_token_ids != greedy.output_token_ids
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self, scale: float, graph_break: bool = False):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.scale = scale
+        self.graph_break = graph_break
+
+    def forward(self, x):
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        return self.linear(x) * self.scale
+
+
+def test_compiled_models_of_one_class_never_share_graphs():
+    """The modules' guards are skipped, so each model's graphs must be its own: a second model of the same class
+    with another constant (and other weights) gets its own answer, not the first model's graph."""
+    x = torch.randn(2, 4)
+    first, second = Scaled(1.0), Scaled(3.0)
+    compiled = [CpuBackend().compile(model.forward, "inductor", autotune=False) for model in (first, second)]
+    with torch.inference_mode():
+        results = [run(x) for run in compiled]
+        expected = [first(x), second(x)]
+    assert all(torch.allclose(result, want, atol=1e-6) for result, want in zip(results, expected))
+
+
+def test_a_forward_with_a_graph_break_still_compiles_and_keeps_its_guards(caplog):
+    model, x = Scaled(2.0, graph_break=True), torch.randn(2, 4)
+    compiled = CpuBackend().compile(model.forward, "inductor", autotune=False)
+    with caplog.at_level(logging.INFO, logger="core.backends.cpu"), torch.inference_mode():
+        assert torch.allclose(compiled(x), model(x), atol=1e-6)
+    assert "does not compile to one graph: modules stay guarded" in caplog.text
 
 
 def test_ge_graph_without_torch_npu_names_the_available_modes(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import types
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -16,6 +18,8 @@ class DeviceBackend:
     name: ClassVar[str]
     exe_modes: ClassVar[tuple[str, ...]]
     dist_backend: ClassVar[str]
+    # The attention implementation compiled decode steps use instead of the model's own (None: the model's).
+    decode_attention: ClassVar[str | None] = None
 
     @classmethod
     def is_available(cls) -> bool:
@@ -45,7 +49,7 @@ class DeviceBackend:
             return forward
         # Prefill buckets and the decode step are separate graphs of the same forward: room for all of them.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, MAX_GRAPHS_PER_FORWARD)
-        return self._compile_graph(forward, exe_mode, float_matmuls, autotune)
+        return self._compile_graph(_own_code(forward), exe_mode, float_matmuls, autotune)
 
     def _compile_graph(self, forward: Callable, exe_mode: str, float_matmuls: bool,
                        autotune: bool | None) -> Callable:
@@ -63,3 +67,18 @@ class DeviceBackend:
 
     def _profiler_activities(self) -> list:
         return []
+
+
+_compiled_forwards = itertools.count()
+
+
+def _own_code(forward: Callable) -> Callable:
+    """`forward` called through a function whose code object belongs to this compile alone. Dynamo keeps graphs
+    and guards per code object: a model's compiled graphs are then never offered to another model of the same
+    class (a second runner in the process), and prefill and decode each scan only their own."""
+
+    def step(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    code = step.__code__.replace(co_name=f"compiled_forward_{next(_compiled_forwards)}")
+    return types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)

@@ -128,7 +128,7 @@ class ModelRunner:
         self.result_path = Path("results") / self.model_name
         self.model: torch.nn.Module | None = None
         self.prefill_forward = self.decode_forward = None
-        self._model_attention: str | None = None  # the model's attention implementation, before any switch
+        self._model_attention: str | None = None  # the model's attention implementation (graph modes switch it)
         self.tokenizer = None
         self._kv_caches: dict[int, StaticKVCache] = {}
         self.init_device()
@@ -283,6 +283,7 @@ class ModelRunner:
         prefill is padded to a few bucket lengths (see `prefill_length`), one graph each."""
         float_matmuls = not any(isinstance(layer.weight, LowBitWeight) for _, layer in linear_layers(self.model))
         autotune = self.runner_settings["model_config"]["compile_autotune"]
+        self._model_attention = self.model.config._attn_implementation
         self.prefill_forward = self.backend.compile(self.model.forward, self.exe_mode, float_matmuls, autotune)
         self.decode_forward = self.backend.compile(self.model.forward, self.exe_mode, float_matmuls, autotune)
 
@@ -410,13 +411,11 @@ class ModelRunner:
     def _select_attention(self, decoding: bool) -> None:
         """Compiled decode steps may run another attention implementation than the model's (the backend's
         `decode_attention`); each graph keeps the one it was traced with."""
-        wanted = self.backend.decode_attention if decoding and self.exe_mode != "eager" else None
-        config = self.model.config
-        if self._model_attention is None:
-            self._model_attention = config._attn_implementation
-        wanted = wanted or self._model_attention
-        if config._attn_implementation != wanted:
-            config._attn_implementation = wanted
+        if self.exe_mode == "eager" or self.backend.decode_attention is None:
+            return
+        wanted = self.backend.decode_attention if decoding else self._model_attention
+        if self.model.config._attn_implementation != wanted:
+            self.model.config._attn_implementation = wanted
 
     def get_jump_flag(self, step: int, max_new_tokens: int, finished: torch.Tensor) -> bool:
         return step >= max_new_tokens or bool(finished.all())

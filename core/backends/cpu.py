@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Callable
@@ -41,14 +42,15 @@ class CpuBackend(DeviceBackend):
         # default mode, about a minute for SmolLM2, and its FX-graph cache (TORCHINDUCTOR_CACHE_DIR) serves a
         # second process in seconds.
         tuned = float_matmuls if autotune is None else autotune
-        settings = (dict(freezing=True, autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
-                    if tuned else {})
         compiled = _inductor(forward, tuned, trust_modules=True)
 
         @functools.wraps(forward)
         def run(*args, **kwargs):
             nonlocal compiled
-            with torch._inductor.config.patch(settings):
+            frozen = (torch._inductor.config.patch(freezing=True, autotune_num_choices_displayed=0,
+                                                   max_autotune_report_choices_stats=False)
+                      if tuned else contextlib.nullcontext())
+            with frozen:
                 try:
                     return compiled(*args, **kwargs)
                 except torch._dynamo.exc.Unsupported:

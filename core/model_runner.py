@@ -32,7 +32,7 @@ from core.quantization.low_bit import LowBitWeight, linear_layers, quantize_line
 from core.safetensors_reader import SafetensorsCheckpoint
 from core.sampling import Sampler, SamplingParams, resolve_sampling, seen_tokens
 from core.settings import is_placeholder_path, validate_runner_settings
-from core.timing import GenerationTiming, StepTimer
+from core.timing import GenerationTiming
 from core.weights import held_whole, load_checkpoint_into
 
 logger = logging.getLogger(__name__)
@@ -284,6 +284,8 @@ class ModelRunner:
         float_matmuls = not any(isinstance(layer.weight, LowBitWeight) for _, layer in linear_layers(self.model))
         autotune = self.runner_settings["model_config"]["compile_autotune"]
         self._model_attention = self.model.config._attn_implementation
+        if self.exe_mode != "eager":
+            self.backend.prepare_for_graphs(self.model, self.exe_mode, self.dtype)
         self.prefill_forward = self.backend.compile(self.model.forward, self.exe_mode, float_matmuls, autotune)
         self.decode_forward = self.backend.compile(self.model.forward, self.exe_mode, float_matmuls, autotune)
 
@@ -411,14 +413,15 @@ class ModelRunner:
     def _select_attention(self, decoding: bool) -> None:
         """Compiled decode steps may run another attention implementation than the model's (the backend's
         `decode_attention`); each graph keeps the one it was traced with."""
-        if self.exe_mode == "eager" or self.backend.decode_attention is None:
+        if self.exe_mode == "eager":
             return
-        wanted = self.backend.decode_attention if decoding else self._model_attention
+        wanted = self.backend.decode_attention(self._model_attention) if decoding else self._model_attention
         if self.model.config._attn_implementation != wanted:
             self.model.config._attn_implementation = wanted
 
-    def get_jump_flag(self, step: int, max_new_tokens: int, finished: torch.Tensor) -> bool:
-        return step >= max_new_tokens or bool(finished.all())
+    def get_jump_flag(self, step: int, max_new_tokens: int, finished: torch.Tensor | None) -> bool:
+        """Stop after max_new_tokens steps or once every row has finished; `finished` None: rows never stop early."""
+        return step >= max_new_tokens or (finished is not None and bool(finished.all()))
 
     def define_profiler(self) -> contextlib.AbstractContextManager:
         """A trace of the measured run (prefill and decode steps labelled) under result_path/profiler/."""
@@ -489,11 +492,12 @@ class ModelRunner:
         lengths = [max_new_tokens] * batch_size
         generated: list[torch.Tensor] = []
         step_logits: list[torch.Tensor] = []
-        timing = GenerationTiming(batch_size=batch_size)
+        timers = []
         step = 0
         with self.define_profiler() if profile else contextlib.nullcontext():
-            while not self.get_jump_flag(step, max_new_tokens, finished):
-                with StepTimer(self.backend.synchronize) as timer, \
+            # Rows finish only at EOS or a stop string: ignoring both, no step waits for the device to ask.
+            while not self.get_jump_flag(step, max_new_tokens, None if ignore_eos else finished):
+                with self.backend.step_timer() as timer, \
                         torch.profiler.record_function("prefill" if step == 0 else "decode"):
                     model_inputs = self.model_input_prepare(input_dict)
                     logits = self.model_inference(model_inputs)
@@ -502,10 +506,7 @@ class ModelRunner:
                     next_tokens = sampler(logits, seen) if teacher_tokens is None else teacher_tokens[:, step]
                     next_tokens = torch.where(finished, pad_id, next_tokens)
                     self.model_output_process(model_inputs, next_tokens, input_dict)
-                if step == 0:
-                    timing.prefill_ms = timer.elapsed_ms
-                else:
-                    timing.decode_ms.append(timer.elapsed_ms)
+                timers.append(timer)
                 if keep_logits:
                     step_logits.append(logits.float().cpu())
                 generated.append(next_tokens)
@@ -522,7 +523,10 @@ class ModelRunner:
                 if stream is not None:
                     stream(torch.stack(generated, dim=1).tolist(), finished.tolist())
         lengths = [min(length, step) for length in lengths]
-        return torch.stack(generated, dim=1).tolist(), lengths, step_logits, timing
+        tokens = torch.stack(generated, dim=1).tolist()
+        self.backend.synchronize()
+        timing = GenerationTiming(batch_size, timers[0].elapsed_ms, [timer.elapsed_ms for timer in timers[1:]])
+        return tokens, lengths, step_logits, timing
 
     def _ends_in_stop_string(self, generated: list[torch.Tensor], stop_strings: tuple[str, ...]) -> torch.Tensor:
         """Rows whose newest tokens' text holds a stop string (transformers' stop_strings: the text is kept)."""

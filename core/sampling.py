@@ -108,6 +108,30 @@ def seen_tokens(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vocab_size:
     return counts.scatter_add_(1, prompt_ids, prompt_mask.long()) > 0
 
 
+ARGMAX_CHUNK = 1024
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first index of its largest logit, as torch.argmax returns it. CUDA reduces one long row in one
+    block of threads (~27 us for a 128K vocabulary on an H200, 2% of a 1B model's decode step): there the row is
+    reduced in chunks side by side, then the chunks' maxima."""
+    if logits.device.type != "cuda" or logits.shape[-1] <= 4 * ARGMAX_CHUNK:
+        # The same index either way (bf16 → fp32 is exact); torch's CPU argmax over bf16 is 3x slower.
+        return logits.float().argmax(dim=-1)
+    return chunked_argmax(logits)
+
+
+def chunked_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax over the last dimension in two reductions. Ties go to the first index: max() keeps the first
+    within a chunk, argmax the first chunk."""
+    vocab = logits.shape[-1]
+    chunks = -(-vocab // ARGMAX_CHUNK)
+    padded = torch.nn.functional.pad(logits, (0, chunks * ARGMAX_CHUNK - vocab), value=float("-inf"))
+    maxima, within = padded.view(*logits.shape[:-1], chunks, ARGMAX_CHUNK).max(dim=-1)
+    best_chunk = maxima.argmax(dim=-1, keepdim=True)
+    return (best_chunk * ARGMAX_CHUNK + within.gather(-1, best_chunk)).squeeze(-1)
+
+
 class Sampler:
     """Next tokens for one generation: `sampler(logits, seen)`; `seen` [batch, vocab] marks each row's prompt
     and generated tokens (for the repetition penalty)."""
@@ -150,8 +174,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         params = self.params
         if params.greedy and params.repetition_penalty == 1.0:
-            # The same index either way (bf16 → fp32 is exact); torch's CPU argmax over bf16 is 3x slower.
-            return logits.float().argmax(dim=-1)
+            return greedy_tokens(logits)
         scores = self.processed_scores(logits, seen)
         if params.greedy:
             return scores.argmax(dim=-1)

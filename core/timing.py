@@ -1,4 +1,5 @@
-"""Wall-clock timing of prefill and every decode step, synchronised with the device."""
+"""Timing of prefill and every decode step: wall-clock around a synchronised device (StepTimer), or events the
+device records in its stream (the CUDA backend's), read once the generation is over."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class GenerationTiming:
 
 
 class StepTimer:
-    """Times one step: `with timer: ...`, then read `elapsed_ms`."""
+    """Times one step: `with timer: ...`, then read `elapsed_ms`. Waits for the device on entry and exit, so a
+    step's time is its own; where the device queues work (CUDA), a backend's event timer avoids those waits."""
 
     def __init__(self, synchronize: Callable[[], None]):
         self.synchronize = synchronize

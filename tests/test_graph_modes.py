@@ -85,7 +85,7 @@ def test_compiled_models_of_one_class_never_share_graphs():
 def test_a_forward_with_a_graph_break_still_compiles_and_keeps_its_guards(caplog):
     model, x = Scaled(2.0, graph_break=True), torch.randn(2, 4)
     compiled = CpuBackend().compile(model.forward, "inductor", autotune=False)
-    with caplog.at_level(logging.INFO, logger="core.backends.cpu"), torch.inference_mode():
+    with caplog.at_level(logging.INFO, logger="core.backends.base"), torch.inference_mode():
         assert torch.allclose(compiled(x), model(x), atol=1e-6)
     assert "does not compile to one graph: modules stay guarded" in caplog.text
 

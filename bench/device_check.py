@@ -358,6 +358,11 @@ def run_speed(report: Report, size: str, modes: list[str], batches: list[int], n
         for contender in live:
             times = results[contender.name]
             t_1, t_n = statistics.median(times["T_1"]), statistics.median(times["T_N"])
+            if t_n <= t_1:
+                report.speed.append({"batch": batch, "contender": contender.name,
+                                     "error": f"{new_tokens} tokens took no longer than 1 ({t_n:.4f} s, {t_1:.4f} s): "
+                                              f"timing noise; raise --new-tokens or --rounds"})
+                continue
             tokens_per_s = batch * (new_tokens - 1) / (t_n - t_1)
             rows[contender.name] = {
                 "batch": batch, "contender": contender.name, "prefill_ms": round(t_1 * 1000, 2),

@@ -22,7 +22,7 @@ def run_check(*args: str) -> subprocess.CompletedProcess:
 def test_device_check_runs_on_cpu_and_writes_its_report(tmp_path):
     out = tmp_path / "report"
     result = run_check("--device", "cpu", "--modes", "eager", "--speed-model", "tiny", "--batches", "1", "2",
-                       "--new-tokens", "6", "--rounds", "1", "--profile", "--model-attention-mode", "eager",
+                       "--new-tokens", "16", "--rounds", "3", "--profile", "--model-attention-mode", "eager",
                        "--overlap", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "device_check.json").read_text())

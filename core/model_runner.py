@@ -280,14 +280,16 @@ class ModelRunner:
 
     def graph_compile(self) -> None:
         """Prefill and decode get their own compiled callables: decode has one fixed shape for every step;
-        prefill is padded to a few bucket lengths (see `prefill_length`), one graph each."""
+        prefill is padded to a few bucket lengths (see `prefill_length`), one graph each — or runs eagerly where
+        the backend says compiling it costs more than it saves (`compiles_prefill`)."""
         float_matmuls = not any(isinstance(layer.weight, LowBitWeight) for _, layer in linear_layers(self.model))
         autotune = self.runner_settings["model_config"]["compile_autotune"]
         self._model_attention = self.model.config._attn_implementation
         if self.exe_mode != "eager":
             self.backend.prepare_for_graphs(self.model, self.exe_mode, self.dtype)
-        self.prefill_forward = self.backend.compile(self.model.forward, self.exe_mode, float_matmuls, autotune)
         self.decode_forward = self.backend.compile(self.model.forward, self.exe_mode, float_matmuls, autotune)
+        self.prefill_forward = (self.backend.compile(self.model.forward, self.exe_mode, float_matmuls, autotune)
+                                if self.backend.compiles_prefill else self.model.forward)
 
     def _parse_quant_hf_config(self, config: PreTrainedConfig) -> dict[str, Any] | None:
         """The checkpoint's `quantization_config` (quant_method and the method's settings), or None."""
@@ -334,10 +336,10 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ generation
     def prefill_length(self, prompt_length: int) -> int:
-        """Graph modes pad prompts (on the left, masked, so exactly) to a power-of-two bucket of at least 16,
-        capped at input_max_len: at most log2(input_max_len) prefill graphs are ever compiled, and NPU graph
-        modes need static shapes anyway. Eager runs the prompt at its own length."""
-        if self.exe_mode == "eager":
+        """Graph modes that compile prefill pad prompts (on the left, masked, so exactly) to a power-of-two bucket
+        of at least 16, capped at input_max_len: at most log2(input_max_len) prefill graphs are ever compiled, and
+        NPU graph modes need static shapes anyway. An eager prefill runs the prompt at its own length."""
+        if self.exe_mode == "eager" or not self.backend.compiles_prefill:
             return prompt_length
         bucket = 16
         while bucket < prompt_length:
@@ -403,7 +405,8 @@ class ModelRunner:
         self._select_attention(decoding)
         with torch.inference_mode():
             cache = next((value for value in model_inputs.values() if isinstance(value, StaticKVCache)), None)
-            if self.exe_mode != "eager" and cache is not None and not cache.allocated:
+            graphed = self.exe_mode != "eager" and (decoding or self.backend.compiles_prefill)
+            if graphed and cache is not None and not cache.allocated:
                 # The cache's buffers take their shapes from their first write, which no graph may trace.
                 self.model(**model_inputs)
                 cache.begin_prompt()  # that pass advanced the recurrent states: the graph's prefill starts afresh

@@ -23,6 +23,8 @@ class DeviceBackend:
     name: ClassVar[str]
     exe_modes: ClassVar[tuple[str, ...]]
     dist_backend: ClassVar[str]
+    # Graph modes compile the prompt's forward too (bucketed lengths), not only the decode step.
+    compiles_prefill: ClassVar[bool] = True
 
     @classmethod
     def is_available(cls) -> bool:

@@ -13,6 +13,10 @@ class CpuBackend(DeviceBackend):
     name = "cpu"
     exe_modes = ("eager", "inductor")
     dist_backend = "gloo"
+    # Prefill is a few large matrix products, as fast eager as compiled; its graphs (one per prompt bucket) cost as
+    # much compile time as the decode step's. SmolLM2 with its GGUF Q4_1 weights kept, on a 2-core EPYC: ready in
+    # 47 s instead of ~75 s from a cold cache, and the first prompt's prefill takes 40 ms instead of 30.
+    compiles_prefill = False
     @classmethod
     def is_available(cls) -> bool:
         return True

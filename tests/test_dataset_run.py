@@ -48,9 +48,9 @@ def read_lines(path):
 
 
 def test_killed_run_resumes_to_the_uninterrupted_outputs(smollm2, tmp_path, measurements):
-    """200 records on SmolLM2, batch_size 8: a run killed half-way and started again ends with the same 200
-    lines (ids and greedy outputs) as a run never interrupted."""
-    config = settings_file(tmp_path, smollm2, write_dataset(tmp_path / "prompts.jsonl", 200), batch_size=8)
+    """96 records on SmolLM2, batch_size 8: a run killed half-way and started again ends with the same 96 lines
+    (ids and greedy outputs) as a run never interrupted."""
+    config = settings_file(tmp_path, smollm2, write_dataset(tmp_path / "prompts.jsonl", 96), batch_size=8)
     whole, resumed = tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
     environment = {**os.environ, "OMP_NUM_THREADS": "2"}
     finished = subprocess.run(infer_command(config, whole), cwd=REPO, capture_output=True, text=True, env=environment)
@@ -60,7 +60,7 @@ def test_killed_run_resumes_to_the_uninterrupted_outputs(smollm2, tmp_path, meas
                               stderr=subprocess.DEVNULL, env=environment)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and killed.poll() is None:
-        if resumed.exists() and resumed.read_text().count("\n") >= 96:
+        if resumed.exists() and resumed.read_text().count("\n") >= 40:
             killed.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
@@ -70,11 +70,11 @@ def test_killed_run_resumes_to_the_uninterrupted_outputs(smollm2, tmp_path, meas
                                env=environment)
     assert restarted.returncode == 0, restarted.stderr[-2000:]
 
-    measurements.append(f"dataset run: killed after {written_before_restart} of 200 lines; restarted: "
+    measurements.append(f"dataset run: killed after {written_before_restart} of 96 lines; restarted: "
                         f"{restarted.stdout.strip().splitlines()[-1]}")
-    assert 0 < written_before_restart < 200
+    assert 0 < written_before_restart < 96
     whole_lines, resumed_lines = read_lines(whole), read_lines(resumed)
-    assert len(resumed_lines) == 200 and len({line["id"] for line in resumed_lines}) == 200
+    assert len(resumed_lines) == 96 and len({line["id"] for line in resumed_lines}) == 96
     by_id = {line["id"]: line for line in whole_lines}
     assert all(line == by_id[line["id"]] for line in resumed_lines)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
+import os
 import re
 import statistics
 import subprocess
@@ -44,6 +44,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.backends import BACKENDS
+from machine import cpu_model, read_bandwidth_gb_s
 from core.sampling import SamplingParams
 from scaffold.tiny import TRAINING_TEXT, build_tiny_checkpoint, build_tiny_tokenizer
 from scaffold.verify import DEFAULT_PROMPTS, _hf_causal_lm, hf_reference, verify_port
@@ -137,13 +138,6 @@ def _error_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
 
 
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return f"{names[0]} ({len(names)} cores)" if names else platform.machine()
-
-
 def progress(message: str) -> None:
     print(message, flush=True)
 
@@ -216,21 +210,6 @@ def run_verify(report: Report, models: list[str], modes: list[str], dtypes: list
 
 
 # ---------------------------------------------------------------------------------------------------- speed
-def read_bandwidth(device: str, repeats: int = 20) -> float:
-    """GB/s at which the device reads a buffer far larger than its caches (a sum over it), the best of `repeats`."""
-    size = (2 << 30) if device == "cuda" else (256 << 20)
-    buffer = torch.ones(size // 2, dtype=torch.bfloat16, device=device)
-    backend = BACKENDS[device]()
-    best = float("inf")
-    for _ in range(repeats + 2):
-        backend.synchronize()
-        started = time.perf_counter()
-        buffer.sum()
-        backend.synchronize()
-        best = min(best, time.perf_counter() - started)
-    return size / best / 1e9
-
-
 def speed_prompts(tokenizer, count: int) -> list[str]:
     """`count` different prompts of PROMPT_TOKENS tokens each (as the checkpoint's tokenizer counts them)."""
     ids = tokenizer(" ".join(TRAINING_TEXT.split()) * 4, add_special_tokens=False)["input_ids"]
@@ -307,7 +286,7 @@ def run_speed(report: Report, size: str, modes: list[str], batches: list[int], n
               device: str, scratch: Path, profile: bool, model_attention_mode: str | None,
               before_timing: Callable[[], None] = lambda: None) -> None:
     backend = BACKENDS[device]()
-    bandwidth = read_bandwidth(device)
+    bandwidth = read_bandwidth_gb_s(2.0 if device == "cuda" else 0.25, repeats=22, device=device)
     checkpoint = build_speed_checkpoint(size, scratch / f"llama-{size}", device)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
     hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).to(device).eval()
@@ -487,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.disable_progress_bar()
     torch._logging.set_logs(all=logging.WARNING)
     logging.captureWarnings(True)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
+    device_name = (torch.cuda.get_device_name() if args.device == "cuda"
+                   else f"{cpu_model()} ({os.cpu_count()} cores)")
     report = Report(args.out, {
         "device": args.device, "device_name": device_name, "torch": torch.__version__,
         "transformers": transformers.__version__, "command": " ".join(["python bench/device_check.py", *sys.argv[1:]]),

@@ -41,6 +41,7 @@ from transformers import (
 from core.gguf_import import import_gguf, packaged_smollm2_gguf
 from core.quantization import PackedWeight
 from generated_models.llama.runner_llama import LlamaRunner
+from machine import read_bandwidth_gb_s
 
 CHECKPOINT = Path("build/checkpoints/SmolLM2-135M-Instruct")
 KEPT_CHECKPOINT = Path("build/checkpoints/SmolLM2-135M-Instruct-q4_1")
@@ -55,17 +56,6 @@ PROMPTS = [
     "Give me a synonym for 'happy'.",
 ]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
-    """Best of `repeats` full reads (a sum) of a buffer far larger than the caches, in GB/s."""
-    buffer = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        buffer.sum()
-        best = min(best, time.perf_counter() - started)
-    return buffer.numel() * 4 / best / 1e9
 
 
 def weight_bytes_per_step(model: torch.nn.Module) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import signal
 import socket
 import subprocess
@@ -29,18 +28,12 @@ import httpx2 as httpx
 import yaml
 
 from core.gguf_import import import_gguf, packaged_smollm2_gguf
+from machine import cpu_model
 
 CHECKPOINT = Path("build/checkpoints/SmolLM2-135M-Instruct")
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain what a language model is.",
              "Name three primary colours.", "How do tensor-parallel layers split a weight?",
              "Give me a recipe for pancakes.", "What is 17 times 23?", "Summarise the plot of Hamlet."]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def percentile(values: list[float], fraction: float) -> float:

@@ -177,6 +177,6 @@ class Sampler:
             return greedy_tokens(logits)
         scores = self.processed_scores(logits, seen)
         if params.greedy:
-            return scores.argmax(dim=-1)
+            return greedy_tokens(scores)
         probs = scores.softmax(dim=-1)
         return torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
@@ -17,6 +16,7 @@ class CpuBackend(DeviceBackend):
     # much compile time as the decode step's. SmolLM2 with its GGUF Q4_1 weights kept, on a 2-core EPYC: ready in
     # 47 s instead of ~75 s from a cold cache, and the first prompt's prefill takes 40 ms instead of 30.
     compiles_prefill = False
+
     @classmethod
     def is_available(cls) -> bool:
         return True
@@ -42,13 +42,11 @@ class CpuBackend(DeviceBackend):
         # printed. Untuned (low-bit linears by default: torch's int4/int8 kernels need no prepacking): inductor's
         # default mode, about a minute for SmolLM2, and its FX-graph cache (TORCHINDUCTOR_CACHE_DIR) serves a
         # second process in seconds.
-        tuned = float_matmuls if autotune is None else autotune
-        options = dict(list_mode_options("max-autotune-no-cudagraphs")) if tuned else {}
+        if not (float_matmuls if autotune is None else autotune):
+            return one_graph(forward, {})
 
         def frozen():
-            if not tuned:
-                return contextlib.nullcontext()
             return torch._inductor.config.patch(freezing=True, autotune_num_choices_displayed=0,
                                                 max_autotune_report_choices_stats=False)
 
-        return one_graph(forward, options, frozen)
+        return one_graph(forward, dict(list_mode_options("max-autotune-no-cudagraphs")), frozen)

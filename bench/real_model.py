@@ -22,7 +22,6 @@ import argparse
 import importlib.util
 import itertools
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -41,9 +40,11 @@ from transformers import (
 from core.gguf_import import import_gguf, packaged_smollm2_gguf
 from core.quantization import PackedWeight
 from generated_models.llama.runner_llama import LlamaRunner
-from machine import read_bandwidth_gb_s
+from core.quantization.low_bit import int_groups_kernel_for
+from machine import cpu_model, read_bandwidth_gb_s
 
 CHECKPOINT = Path("build/checkpoints/SmolLM2-135M-Instruct")
+LLAMA_CPP = "llama.cpp (same GGUF)"
 KEPT_CHECKPOINT = Path("build/checkpoints/SmolLM2-135M-Instruct-q4_1")
 PROMPTS = [
     "What is the capital of France?",
@@ -163,7 +164,7 @@ def contenders(dtype: str, batch_size: int, new_tokens: int) -> dict:
         built["port int8 (weight_quant)"] = lambda: PortContender(dtype, "inductor", batch_size, new_tokens,
                                                                   weight_quant="int8")
         if batch_size == 1 and llama_cpp_missing() is None:
-            built["llama.cpp (same GGUF)"] = lambda: LlamaCppContender(new_tokens)
+            built[LLAMA_CPP] = lambda: LlamaCppContender(new_tokens)
     return built
 
 
@@ -191,6 +192,9 @@ def measure(dtype: str, batch_size: int, new_tokens: int, repeats: int, bandwidt
                 round_["HF eager generate"]["decode_ms"] / round_[name]["decode_ms"] for round_ in rounds), 2),
             "vs_hf_compiled": round(statistics.median(
                 round_["HF static cache + compile"]["decode_ms"] / round_[name]["decode_ms"] for round_ in rounds), 2),
+            "vs_llama_cpp": round(statistics.median(
+                round_[LLAMA_CPP]["decode_ms"] / round_[name]["decode_ms"] for round_ in rounds), 2)
+            if LLAMA_CPP in built else None,
             "roofline_fraction": round(1000 / decode_ms / roofline_steps_per_s, 3),
             "weight_bytes_per_step": weight_bytes,
             "warm_up_s": round(compile_s[name], 1),
@@ -200,15 +204,17 @@ def measure(dtype: str, batch_size: int, new_tokens: int, repeats: int, bandwidt
 
 
 def print_table(rows: list[dict], bandwidth: float) -> None:
-    print(f"SmolLM2-135M-Instruct, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; read bandwidth {bandwidth:.1f} GB/s")
+    print(f"SmolLM2-135M-Instruct, {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"read bandwidth {bandwidth:.1f} GB/s; integer-group kernel: {int_groups_kernel_for(32)}")
     header = (f"{'dtype':<9} {'batch':>5} {'contender':<26} {'prefill ms':>10} {'decode ms':>9} {'tok/s':>7} "
-              f"{'vs HF eager':>11} {'vs HF compiled':>14} {'roofline':>8} {'warm-up s':>9}")
+              f"{'vs HF eager':>11} {'vs HF compiled':>14} {'vs llama.cpp':>12} {'roofline':>8} {'warm-up s':>9}")
     print(header)
     for row in rows:
+        versus_llama_cpp = "—" if row["vs_llama_cpp"] is None else f"{row['vs_llama_cpp']:.2f}x"
         print(f"{row['dtype']:<9} {row['batch']:>5} {row['contender']:<26} {row['prefill_ms']:>10.1f} "
               f"{row['decode_ms']:>9.2f} {row['decode_tokens_per_s']:>7.1f} {row['vs_hf_eager']:>10.2f}x "
-              f"{row['vs_hf_compiled']:>13.2f}x {row['roofline_fraction']:>8.0%} {row['warm_up_s']:>9.1f}")
+              f"{row['vs_hf_compiled']:>13.2f}x {versus_llama_cpp:>12} {row['roofline_fraction']:>8.0%} "
+              f"{row['warm_up_s']:>9.1f}")
 
 
 def main() -> int:
@@ -230,7 +236,8 @@ def main() -> int:
             for row in measure(dtype, batch, args.new_tokens, args.repeats, bandwidth)]
     print_table(rows, bandwidth)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"read_bandwidth_gb_s": round(bandwidth, 2), "rows": rows}, indent=2) + "\n")
+    args.json.write_text(json.dumps({"cpu": cpu_model(), "read_bandwidth_gb_s": round(bandwidth, 2),
+                                     "int_groups_kernel": int_groups_kernel_for(32), "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0
 

@@ -188,8 +188,8 @@ def write_low_bit_reference(checkpoint: Path, out_dir: Path, scheme: str, group:
     low-bit port. A tied LM head is untied, since the port quantizes the head but gathers embeddings in float."""
     from core.quantization.low_bit import (
         int4_groups_fit,
-        int4_terms_as_float,
         int8_as_float,
+        int_groups_as_float,
         quantize_int4,
         quantize_int8,
     )
@@ -207,7 +207,7 @@ def write_low_bit_reference(checkpoint: Path, out_dir: Path, scheme: str, group:
             if scheme == "int8":
                 weight.copy_(int8_as_float(quantize_int8(weight)))
             elif int4_groups_fit(weight.shape, group) is None:
-                weight.copy_(int4_terms_as_float(quantize_int4(weight, group), group))
+                weight.copy_(int_groups_as_float(*quantize_int4(weight, group), group))
     model.save_pretrained(out_dir)
     for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (checkpoint / extra).exists() and not (out_dir / extra).exists():

@@ -7,8 +7,7 @@ Stored (`recipes-scaffold import-gguf --keep-quantized`), for a weight `<x>` of 
 - 8-bit: `<x>_codes` int8 [out, in], `<x>_scales` float16 [out, in/group]: value = scale · code (Q8_0).
 
 Two run-time modes. `dequantize`: any layer reads float weights. `packed`: the rank's linear layers keep their codes
-and run torch's CPU kernel for 4-bit groups (`_weight_int4pack_mm_for_cpu`, bfloat16 activations); an 8-bit code
-is split into two 4-bit halves (code = 16 · high + low), so Q8_0 runs on the same kernel, exactly.
+and run them on a CPU kernel for integer groups (`core.quantization.low_bit.IntGroups`, bfloat16 activations).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from torch import nn
 
 from core.errors import CheckpointError
 from core.quantization.base import QuantizationMethod, QuantizedSlice, block_range
-from core.quantization.low_bit import Int4Groups, int4_groups_fit, linear_layers
+from core.quantization.low_bit import IntGroups, int4_groups_fit, linear_layers
 
 CODES, SCALES, MINS = "_codes", "_scales", "_mins"
 
@@ -68,17 +67,14 @@ class IntGroupSlice(QuantizedSlice):
         return dequantize_groups(pieces["codes"], pieces["scales"], pieces.get("mins"), dtype)
 
 
-class PackedIntGroups(Int4Groups):
-    """A linear weight filled from stored Q4/Q8 groups (see `Int4Groups` for the kernel)."""
+class PackedIntGroups(IntGroups):
+    """A linear weight filled from stored Q4/Q8 groups."""
 
     def store(self, parts: dict[str, torch.Tensor]) -> None:
-        scales = parts["scales"].float()
         if "mins" in parts:
-            self.set_groups([(unpack_nibbles(parts["codes"]), scales, parts["mins"].float() + 8 * scales)])
-            return
-        codes = parts["codes"].to(torch.int16)
-        high, low = codes >> 4, codes & 0x0F  # arithmetic shift: high in -8..7, low in 0..15
-        self.set_groups([(high + 8, 16 * scales, torch.zeros_like(scales)), (low, scales, 8 * scales)])
+            self.set_groups(unpack_nibbles(parts["codes"]), parts["scales"], parts["mins"])
+        else:
+            self.set_groups(parts["codes"], parts["scales"])
 
 
 class IntGroupsMethod(QuantizationMethod):

@@ -1,12 +1,13 @@
-"""Weight-only low-bit linears on CPU, through torch's own kernels: int4 in groups along the input dimension
-(`_weight_int4pack_mm_for_cpu`) and int8 per output channel (`_weight_int8pack_mm`).
+"""Weight-only low-bit linears on CPU: integer codes in groups along the input dimension (`IntGroups`: our AVX-512
+BF16 kernel in `core.kernels`, else torch's `_weight_int4pack_mm_for_cpu`) and int8 per output channel
+(`Int8Channels`, torch's `_weight_int8pack_mm`).
 
 A low-bit weight replaces a parallel linear layer's `weight` parameter (after the tensor-parallel split, so a rank
-holds only its shard) and is called on the activations: `layer.weight(x)` is `x @ Wᵀ`. Both kernels are fast with
-bfloat16 activations (AVX-512 BF16); an fp32 model's activations are cast for the product and back.
+holds only its shard) and is called on the activations: `layer.weight(x)` is `x @ Wᵀ`. The kernels take bfloat16
+activations (AVX-512 BF16); an fp32 model's activations are cast for the product and back.
 
 `model_config.weight_quant` quantizes a float checkpoint this way at load; `core.quantization.int_groups` fills the
-same int4 layout from a checkpoint that stores its groups (GGUF Q4_0 / Q4_1 / Q8_0 kept quantized).
+same groups from a checkpoint that stores them (GGUF Q4_0 / Q4_1 / Q8_0 kept quantized).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 from core.errors import SettingsError
+from core.kernels import GROUP, int_groups_kernel
+from core.kernels.layout import block_scales, eight_bit_layout, four_bit_layout
 from core.layers.linear import RowParallelLinear, SegmentedColumnLinear
 from core.quantization.base import PackedWeight
 from core.settings import WEIGHT_QUANT, WEIGHT_QUANT_GROUP_SIZES
@@ -25,6 +28,7 @@ from core.settings import WEIGHT_QUANT, WEIGHT_QUANT_GROUP_SIZES
 logger = logging.getLogger(__name__)
 
 KERNEL_DTYPE = torch.bfloat16
+AVX512_KERNEL, TORCH_INT4_KERNEL = "avx512_bf16", "torch_int4"
 INT4_ROWS_MULTIPLE = 16
 
 
@@ -62,31 +66,83 @@ class LowBitWeight(PackedWeight):
         return self.matmul(flat).to(x.dtype).reshape(*x.shape[:-1], self.local_shape[0])
 
 
-class Int4Groups(LowBitWeight):
-    """W = Σ over one or more terms of (code − 8) · scale + zero, per `group` inputs of each output row; each term
-    is one call of the int4 kernel (an 8-bit code is two 4-bit terms)."""
+class IntGroups(LowBitWeight):
+    """W = scale · code + min per `group` inputs of each output row: 4-bit codes 0..15 with a min, or 8-bit codes
+    −128..127 without one.
+
+    Runs on our AVX-512 BF16 kernel where the CPU has it (`core.kernels`: scales and mins in float16, as GGUF stores
+    them; exact products), else on torch's int4 kernel (scales and zeros in bfloat16; an 8-bit code is split into
+    two 4-bit terms, code = 16 · high + low, one kernel call each). `int_groups_as_float` is the weight either one
+    multiplies by."""
 
     def __init__(self, replaced: nn.Parameter, group: int):
         super().__init__(replaced)
         self.group = group
-        self.terms = 0
+        self.kernel = int_groups_kernel_for(group)
+        self.bits = 0
 
-    def set_groups(self, terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        """terms: (codes 0..15 [out, in], scales [out, in/group], zeros [out, in/group]) each."""
-        for index, (codes, scales, zeros) in enumerate(terms):
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-            scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+    def set_groups(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> None:
+        """codes [out, in] (0..15 with `mins`, else −128..127), scales and mins [out, in/group]."""
+        self.bits = 4 if mins is not None else 8
+        if self.kernel == AVX512_KERNEL:
+            per_block = self.group // GROUP
+            scales, mins = (None if part is None else part.repeat_interleave(per_block, dim=-1) for part in (scales, mins))
+            layout = four_bit_layout(codes) if mins is not None else eight_bit_layout(codes)
+            self.register_buffer("codes", layout, persistent=False)
+            self.register_buffer("scales", block_scales(scales), persistent=False)
+            if mins is not None:
+                self.register_buffer("mins", block_scales(mins), persistent=False)
+            return
+        terms = torch_int4_terms(codes, scales, mins)
+        for index, (term_codes, term_scales, zeros) in enumerate(terms):
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(term_codes.to(torch.int32).contiguous(), 1)
+            scales_and_zeros = torch.stack((term_scales, zeros), dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
             self.register_buffer(f"packed_{index}", packed, persistent=False)
             self.register_buffer(f"scales_and_zeros_{index}", scales_and_zeros, persistent=False)
         self.terms = len(terms)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == AVX512_KERNEL:
+            if self.bits == 4:
+                return torch.ops.recipes_scaffold.int4_groups_mm(x, self.codes, self.scales, self.mins)
+            return torch.ops.recipes_scaffold.int8_groups_mm(x, self.codes, self.scales)
         output = None
         for index in range(self.terms):
             term = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x, getattr(self, f"packed_{index}"), self.group, getattr(self, f"scales_and_zeros_{index}"))
             output = term if output is None else output + term
         return output
+
+
+def int_groups_kernel_for(group: int) -> str:
+    """Which kernel runs integer groups of `group` inputs on this machine."""
+    if group % GROUP == 0 and int_groups_kernel() is None:
+        return AVX512_KERNEL
+    return TORCH_INT4_KERNEL
+
+
+def torch_int4_terms(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> list[tuple]:
+    """torch's int4 kernel computes (code − 8) · scale + zero: (codes 0..15, scales, zeros) per kernel call."""
+    scales = scales.float()
+    if mins is not None:
+        return [(codes, scales, mins.float() + 8 * scales)]
+    wide = codes.to(torch.int16)
+    high, low = wide >> 4, wide & 0x0F  # arithmetic shift: high in -8..7, low in 0..15
+    return [(high + 8, 16 * scales, torch.zeros_like(scales)), (low, scales, 8 * scales)]
+
+
+def int_groups_as_float(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group: int) -> torch.Tensor:
+    """The float weight [out, in] that `IntGroups` multiplies by on this machine (for references)."""
+    if int_groups_kernel_for(group) == AVX512_KERNEL:
+        grouped = codes.float().unflatten(-1, (-1, group)) * scales.half().float().unsqueeze(-1)
+        if mins is not None:
+            grouped = grouped + mins.half().float().unsqueeze(-1)
+        return grouped.flatten(-2)
+    total = 0
+    for term_codes, term_scales, zeros in torch_int4_terms(codes, scales, mins):
+        term_scales, zeros = (part.to(KERNEL_DTYPE).float().unsqueeze(-1) for part in (term_scales, zeros))
+        total = total + ((term_codes.float().unflatten(-1, (-1, group)) - 8) * term_scales + zeros).flatten(-2)
+    return total
 
 
 class Int8Channels(LowBitWeight):
@@ -104,13 +160,15 @@ class Int8Channels(LowBitWeight):
         return torch._weight_int8pack_mm(x, self.codes, self.scales)
 
 
-def quantize_int4(weight: torch.Tensor, group: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Asymmetric round-to-nearest per group: the group's minimum is code 0 and its maximum code 15."""
+def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest per group, value = scale · code + min: the group's minimum is code 0 and its
+    maximum code 15. Scales and mins are float16 numbers (GGUF Q4_1's precision) before the codes are chosen."""
     grouped = weight.float().unflatten(-1, (-1, group))
     low, high = grouped.amin(-1), grouped.amax(-1)
-    scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-    codes = torch.round((grouped - low.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp(0, 15).flatten(-2)
-    return [(codes, scales, low + 8 * scales)]
+    mins = low.half().float()
+    scales = ((high - mins) / 15).clamp(min=2.0**-24).half().float()
+    codes = torch.round((grouped - mins.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp(0, 15).flatten(-2)
+    return codes.to(torch.uint8), scales, mins
 
 
 def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -118,15 +176,6 @@ def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     scales = (weight.float().abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
     codes = torch.round(weight.float() / scales.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
     return {"codes": codes, "scales": scales}
-
-
-def int4_terms_as_float(terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], group: int) -> torch.Tensor:
-    """The float weight the int4 kernel multiplies by (scales and zeros rounded to its bfloat16), for references."""
-    total = 0
-    for codes, scales, zeros in terms:
-        scales, zeros = (part.to(KERNEL_DTYPE).float().unsqueeze(-1) for part in (scales, zeros))
-        total = total + ((codes.float().unflatten(-1, (-1, group)) - 8) * scales + zeros).flatten(-2)
-    return total
 
 
 def int8_as_float(parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -150,8 +199,8 @@ def quantize_linears(model: nn.Module, scheme: str, group: int) -> dict[str, str
             continue
         del layer._parameters["weight"]
         if scheme == "int4":
-            layer.weight = Int4Groups(weight, group)
-            layer.weight.set_groups(quantize_int4(weight.detach(), group))
+            layer.weight = IntGroups(weight, group)
+            layer.weight.set_groups(*quantize_int4(weight.detach(), group))
         else:
             layer.weight = Int8Channels(weight)
             layer.weight.store(quantize_int8(weight.detach()))

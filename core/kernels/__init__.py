@@ -1,0 +1,105 @@
+"""Our own CPU kernels, C++ compiled once per machine and torch release, registered as `torch.ops.recipes_scaffold`.
+
+`int_groups_kernel()` builds (a few seconds, the first time) and loads the AVX-512 BF16 kernel for integer weights
+in groups of 32 (`int_groups_avx512.cpp`), or says why this machine cannot: no AVX-512 BF16, no C++ compiler, a
+failed build (its log is kept beside the cache). Callers fall back to torch's own int4 kernel then.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int_groups_avx512.cpp")
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c")
+GROUP = 32
+ROWS = 16
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "recipes-scaffold" / "kernels"
+
+
+def missing_cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return list(REQUIRED_CPU_FLAGS)
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [flag for flag in REQUIRED_CPU_FLAGS if flag not in flags]
+
+
+def compile_command(source: Path, target: Path) -> list[str]:
+    torch_dir = Path(torch.__file__).parent
+    return [
+        os.environ.get("CXX", "g++"), "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}",
+        str(source), "-o", str(target),
+        # torch's own libgomp, so that the kernel's threads are torch's threads
+        f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}",
+    ]
+
+
+def built_library() -> Path:
+    """The compiled kernel library, built into the cache when this source, torch and Python have none yet."""
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    target = cache_dir() / f"int_groups_avx512-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log = target.with_suffix(".log")
+    print("building the AVX-512 BF16 kernel for integer weight groups (once per machine, a few seconds)",
+          file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        partial = Path(scratch) / target.name
+        result = subprocess.run(compile_command(SOURCE, partial), capture_output=True, text=True)
+        log.write_text(" ".join(compile_command(SOURCE, target)) + "\n" + result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise RuntimeError(f"the kernel build failed, see {log}")
+        os.replace(partial, target)
+    return target
+
+
+@functools.cache
+def int_groups_kernel() -> str | None:
+    """Load the AVX-512 BF16 integer-groups kernel; returns None when loaded, else why it is not available."""
+    reason = load_int_groups_kernel()
+    if reason is not None:
+        logger.warning("integer weight groups run on torch's int4 kernel: the AVX-512 BF16 kernel is not available "
+                       "(%s)", reason)
+    return reason
+
+
+def load_int_groups_kernel() -> str | None:
+    missing = missing_cpu_flags()
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "no C++ compiler (g++) to build it"
+    try:
+        torch.ops.load_library(str(built_library()))
+    except (RuntimeError, OSError) as error:
+        return str(error)
+
+    @torch.library.register_fake("recipes_scaffold::int4_groups_mm")
+    def _(x, codes, scales, mins):
+        return x.new_empty((x.shape[0], codes.shape[0] * ROWS), dtype=torch.float32)
+
+    @torch.library.register_fake("recipes_scaffold::int8_groups_mm")
+    def _(x, codes, scales):
+        return x.new_empty((x.shape[0], codes.shape[0] * ROWS), dtype=torch.float32)
+
+    return None

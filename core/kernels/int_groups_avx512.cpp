@@ -1,0 +1,214 @@
+// Matrix products with integer weights in groups of 32 inputs (llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks, and
+// weight_quant int4) on CPUs with AVX-512 BF16: y[m, n] = sum_k x[m, k] * w[n, k], x bfloat16, y float32.
+//
+// Exact to the stored weights: a code becomes a bfloat16 without rounding (4-bit: the bits 0x4300 | q are the
+// number 128 + q; 8-bit: through float32), products of two bfloat16s are exact in float32, and the per-group
+// scale and min (float16, as the file stores them) are applied in float32 once per group:
+//   sum_k x_k (d q_k + m) = d * sum_k x_k (128 + q_k) + (m - 128 d) * sum_k x_k.
+//
+// The weights are laid out for the kernel (core/kernels/layout.py): 16 output rows side by side, so that one
+// vdpbf16ps multiplies 16 rows by a broadcast pair of inputs, and the decode step (one to eight activation rows)
+// reads every weight byte once, unpacking it once for all rows.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRows = 16;   // output rows one group of the layout holds
+constexpr int64_t kBlock = 32;  // inputs per scale
+constexpr int kMaxTile = 8;     // activation rows a pass over the weights serves
+
+#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c")))
+
+AVX512_BF16 inline __m512 scale_of(const at::Half* halves) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(halves)));
+}
+
+AVX512_BF16 inline __m512bh pair_of(const uint16_t* x) {
+  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x)));
+}
+
+// Independent accumulation chains per activation row: with few rows, one chain would wait on each vdpbf16ps's
+// latency; eight rows keep the units busy alone.
+template <int Tile>
+constexpr int kChains = Tile >= 4 ? 1 : 4 / Tile;
+
+template <int Tile>
+AVX512_BF16 inline __m512 joined(const __m512 (&chains)[kChains<Tile>]) {
+  __m512 sum = chains[0];
+  for (int c = 1; c < kChains<Tile>; ++c) sum = _mm512_add_ps(sum, chains[c]);
+  return sum;
+}
+
+// One 16-row group against `Tile` activation rows, over all blocks. 4-bit layout per block: 4 chunks of 64 bytes,
+// each giving input pairs 4j..4j+3 of the 16 rows: lower nibbles through unpacklo / unpackhi (pairs 4j, 4j+1),
+// upper nibbles the same way (pairs 4j+2, 4j+3).
+template <int Tile>
+AVX512_BF16 void four_bit_group(const uint16_t* x, int64_t k, const float* sums, int64_t blocks, const uint8_t* codes,
+                                const at::Half* scales, const at::Half* mins, float* y, int64_t n) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i exponent = _mm512_set1_epi8(0x43);
+  const __m512 offset = _mm512_set1_ps(128.0f);
+  __m512 acc[Tile];
+  for (int t = 0; t < Tile; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512 dot[Tile][kChains<Tile>];
+    for (int t = 0; t < Tile; ++t)
+      for (int c = 0; c < kChains<Tile>; ++c) dot[t][c] = _mm512_setzero_ps();
+    const uint8_t* block = codes + b * 256;
+    for (int j = 0; j < 4; ++j) {
+      const __m512i packed = _mm512_loadu_si512(block + 64 * j);
+      const __m512i low = _mm512_and_si512(packed, nibble);
+      const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+      const __m512bh w[4] = {reinterpret_cast<__m512bh>(_mm512_unpacklo_epi8(low, exponent)),
+                             reinterpret_cast<__m512bh>(_mm512_unpackhi_epi8(low, exponent)),
+                             reinterpret_cast<__m512bh>(_mm512_unpacklo_epi8(high, exponent)),
+                             reinterpret_cast<__m512bh>(_mm512_unpackhi_epi8(high, exponent))};
+      for (int t = 0; t < Tile; ++t) {
+        const uint16_t* inputs = x + t * k + b * kBlock + 8 * j;
+        for (int i = 0; i < 4; ++i) {
+          __m512& chain = dot[t][(4 * j + i) % kChains<Tile>];
+          chain = _mm512_dpbf16_ps(chain, w[i], pair_of(inputs + 2 * i));
+        }
+      }
+    }
+    const __m512 scale = scale_of(scales + b * kRows);
+    const __m512 shifted_min = _mm512_fnmadd_ps(offset, scale, scale_of(mins + b * kRows));
+    for (int t = 0; t < Tile; ++t) {
+      acc[t] = _mm512_fmadd_ps(joined<Tile>(dot[t]), scale, acc[t]);
+      acc[t] = _mm512_fmadd_ps(shifted_min, _mm512_set1_ps(sums[t * blocks + b]), acc[t]);
+    }
+  }
+  for (int t = 0; t < Tile; ++t) _mm512_storeu_ps(y + t * n, acc[t]);
+}
+
+// 8-bit layout per block: 16 chunks of 32 signed bytes, chunk p holding input pair p of the 16 rows.
+template <int Tile>
+AVX512_BF16 void eight_bit_group(const uint16_t* x, int64_t k, const float*, int64_t blocks, const uint8_t* codes,
+                                 const at::Half* scales, const at::Half*, float* y, int64_t n) {
+  __m512 acc[Tile];
+  for (int t = 0; t < Tile; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512 dot[Tile][kChains<Tile>];
+    for (int t = 0; t < Tile; ++t)
+      for (int c = 0; c < kChains<Tile>; ++c) dot[t][c] = _mm512_setzero_ps();
+    const uint8_t* block = codes + b * 512;
+    for (int p = 0; p < 16; ++p) {
+      const __m512i first = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 32 * p)));
+      const __m512i second =
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 32 * p + 16)));
+      const __m512bh w = _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(second), _mm512_cvtepi32_ps(first));
+      for (int t = 0; t < Tile; ++t) {
+        __m512& chain = dot[t][p % kChains<Tile>];
+        chain = _mm512_dpbf16_ps(chain, w, pair_of(x + t * k + b * kBlock + 2 * p));
+      }
+    }
+    const __m512 scale = scale_of(scales + b * kRows);
+    for (int t = 0; t < Tile; ++t) acc[t] = _mm512_fmadd_ps(joined<Tile>(dot[t]), scale, acc[t]);
+  }
+  for (int t = 0; t < Tile; ++t) _mm512_storeu_ps(y + t * n, acc[t]);
+}
+
+using GroupKernel = void (*)(const uint16_t*, int64_t, const float*, int64_t, const uint8_t*, const at::Half*,
+                             const at::Half*, float*, int64_t);
+
+template <int Tile>
+struct FourBit {
+  static constexpr GroupKernel kernel = four_bit_group<Tile>;
+};
+template <int Tile>
+struct EightBit {
+  static constexpr GroupKernel kernel = eight_bit_group<Tile>;
+};
+
+template <template <int> class Kernel>
+GroupKernel for_tile(int64_t tile) {
+  switch (tile) {
+    case 1: return Kernel<1>::kernel;
+    case 2: return Kernel<2>::kernel;
+    case 3: return Kernel<3>::kernel;
+    case 4: return Kernel<4>::kernel;
+    case 5: return Kernel<5>::kernel;
+    case 6: return Kernel<6>::kernel;
+    case 7: return Kernel<7>::kernel;
+    default: return Kernel<8>::kernel;
+  }
+}
+
+bool cpu_has_avx512_bf16() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512bf16");
+}
+
+template <template <int> class Kernel>
+at::Tensor int_groups_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                         const c10::optional<at::Tensor>& mins, int64_t bytes_per_block, const char* op) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), op, ": this CPU lacks AVX-512 BF16");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.device().is_cpu(), op,
+              ": activations must be a contiguous 2-d bfloat16 CPU tensor, got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.size(2) == bytes_per_block,
+              op, ": codes must be contiguous uint8 [groups, blocks, ", bytes_per_block, "], got ", codes.sizes());
+  const int64_t groups = codes.size(0), blocks = codes.size(1), k = x.size(1), rows = x.size(0);
+  TORCH_CHECK(k == blocks * kBlock, op, ": activations have ", k, " inputs, the weight ", blocks * kBlock);
+  auto check_scales = [&](const at::Tensor& part, const char* name) {
+    TORCH_CHECK(part.scalar_type() == at::kHalf && part.is_contiguous() &&
+                    part.sizes() == at::IntArrayRef({groups, blocks, kRows}),
+                op, ": ", name, " must be contiguous float16 [", groups, ", ", blocks, ", ", kRows, "], got ",
+                part.scalar_type(), " ", part.sizes());
+  };
+  check_scales(scales, "scales");
+  if (mins.has_value()) check_scales(*mins, "mins");
+  const int64_t n = groups * kRows;
+  at::Tensor y = at::empty({rows, n}, x.options().dtype(at::kFloat));
+  if (rows == 0) return y;
+
+  const auto* inputs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const at::BFloat16* values = x.data_ptr<at::BFloat16>();
+  std::vector<float> sums(rows * blocks, 0.0f);
+  for (int64_t i = 0; i < rows * k; ++i) sums[i / kBlock] += static_cast<float>(values[i]);
+  const uint8_t* code_data = codes.data_ptr<uint8_t>();
+  const at::Half* scale_data = scales.data_ptr<at::Half>();
+  const at::Half* min_data = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
+    for (int64_t g = first; g < last; ++g) {
+      for (int64_t r = 0; r < rows; r += kMaxTile) {
+        const int64_t tile = std::min<int64_t>(kMaxTile, rows - r);
+        for_tile<Kernel>(tile)(inputs + r * k, k, sums.data() + r * blocks, blocks,
+                               code_data + g * blocks * bytes_per_block, scale_data + g * blocks * kRows,
+                               min_data ? min_data + g * blocks * kRows : nullptr, out + r * n + g * kRows, n);
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor int4_groups_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                          const at::Tensor& mins) {
+  return int_groups_mm<FourBit>(x, codes, scales, mins, 256, "int4_groups_mm");
+}
+
+at::Tensor int8_groups_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  return int_groups_mm<EightBit>(x, codes, scales, c10::nullopt, 512, "int8_groups_mm");
+}
+
+}  // namespace
+
+TORCH_LIBRARY(recipes_scaffold, m) {
+  m.def("int4_groups_mm(Tensor x, Tensor codes, Tensor scales, Tensor mins) -> Tensor");
+  m.def("int8_groups_mm(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(recipes_scaffold, CPU, m) {
+  m.impl("int4_groups_mm", &int4_groups_mm);
+  m.impl("int8_groups_mm", &int8_groups_mm);
+}

@@ -1,0 +1,36 @@
+"""Integer weights laid out for `int_groups_avx512.cpp`: 16 output rows side by side, blocks of 32 inputs.
+
+Within a block, the kernel multiplies the 16 rows by one pair of inputs per instruction, so each row's pair of codes
+sits in one 32-bit lane: row r's codes for inputs (2p, 2p + 1) are lane r of pair p's vector.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from core.kernels import GROUP, ROWS
+
+
+def four_bit_layout(codes: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 [out, in] → uint8 [out/16, in/32, 256]: per block, 4 chunks of 64 bytes; chunk j's lower nibbles
+    hold pairs 4j and 4j+1, its upper nibbles pairs 4j+2 and 4j+3, in the byte order AVX-512's unpacklo / unpackhi
+    with 128-bit lanes expand: byte 16·(r // 4) + 8·h + 2·(r % 4) + e holds row r, input 2·(pair) + e."""
+    rows, columns = codes.shape
+    # dims: group, row lane (r // 4), row in lane (r % 4), block, chunk j, nibble s, unpack half h, element e
+    split = codes.to(torch.uint8).reshape(rows // ROWS, 4, 4, columns // GROUP, 4, 2, 2, 2)
+    ordered = split.permute(0, 3, 4, 5, 1, 6, 2, 7)
+    return (ordered[:, :, :, 0] | (ordered[:, :, :, 1] << 4)).reshape(rows // ROWS, columns // GROUP, 256).contiguous()
+
+
+def eight_bit_layout(codes: torch.Tensor) -> torch.Tensor:
+    """Codes −128..127 [out, in] → their bytes [out/16, in/32, 512]: per block, 16 chunks of 32 bytes, chunk p
+    holding inputs (2p, 2p + 1) of rows 0..15."""
+    rows, columns = codes.shape
+    split = codes.to(torch.int8).reshape(rows // ROWS, ROWS, columns // GROUP, GROUP // 2, 2)
+    return split.permute(0, 2, 3, 1, 4).reshape(rows // ROWS, columns // GROUP, 512).contiguous().view(torch.uint8)
+
+
+def block_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Per-block values [out, in/32] → float16 [out/16, in/32, 16]."""
+    rows, blocks = scales.shape
+    return scales.to(torch.float16).reshape(rows // ROWS, ROWS, blocks).transpose(1, 2).contiguous()

@@ -27,7 +27,7 @@ $(INSTALLED): pyproject.toml Makefile
 demo: $(INSTALLED)
 	$(BIN)/recipes-scaffold llama --from transformers --out $(DEMO) --force
 	$(BIN)/recipes-scaffold import-gguf smollm2 --out $(SMOLLM2) --keep-quantized
-	@echo "demo configuration: the GGUF's own Q4_1 codes, int4 CPU kernel, bfloat16, eager (examples/smollm2_chat.yaml)"
+	@echo "demo configuration: the GGUF's own Q4_1 codes on the integer-group CPU kernel ($$($(BIN)/python -c "from core.quantization.low_bit import int_groups_kernel_for as k; print(k(32))")), bfloat16, eager (examples/smollm2_chat.yaml)"
 	cd $(DEMO) && ../../$(BIN)/python -m generated_models.llama.infer --config ../../examples/smollm2_chat.yaml \
 		--model-path ../../$(SMOLLM2) --output-json results/smollm2.json --prompt "What is the capital of France?"
 

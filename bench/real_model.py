@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from gguf import GGUFReader
+from machine import cpu_model, read_bandwidth_gb_s
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -39,9 +40,8 @@ from transformers import (
 
 from core.gguf_import import import_gguf, packaged_smollm2_gguf
 from core.quantization import PackedWeight
-from generated_models.llama.runner_llama import LlamaRunner
 from core.quantization.low_bit import int_groups_kernel_for
-from machine import cpu_model, read_bandwidth_gb_s
+from generated_models.llama.runner_llama import LlamaRunner
 
 CHECKPOINT = Path("build/checkpoints/SmolLM2-135M-Instruct")
 LLAMA_CPP = "llama.cpp (same GGUF)"

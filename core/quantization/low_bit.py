@@ -86,7 +86,8 @@ class IntGroups(LowBitWeight):
         self.bits = 4 if mins is not None else 8
         if self.kernel == AVX512_KERNEL:
             per_block = self.group // GROUP
-            scales, mins = (None if part is None else part.repeat_interleave(per_block, dim=-1) for part in (scales, mins))
+            scales, mins = (None if part is None else part.repeat_interleave(per_block, dim=-1)
+                            for part in (scales, mins))
             layout = four_bit_layout(codes) if mins is not None else eight_bit_layout(codes)
             self.register_buffer("codes", layout, persistent=False)
             self.register_buffer("scales", block_scales(scales), persistent=False)
@@ -131,7 +132,8 @@ def torch_int4_terms(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tens
     return [(high + 8, 16 * scales, torch.zeros_like(scales)), (low, scales, 8 * scales)]
 
 
-def int_groups_as_float(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group: int) -> torch.Tensor:
+def int_groups_as_float(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                        group: int) -> torch.Tensor:
     """The float weight [out, in] that `IntGroups` multiplies by on this machine (for references)."""
     if int_groups_kernel_for(group) == AVX512_KERNEL:
         grouped = codes.float().unflatten(-1, (-1, group)) * scales.half().float().unsqueeze(-1)

@@ -1,6 +1,6 @@
 """Weight-only low-bit linears on CPU: integer codes in groups along the input dimension (`IntGroups`: our AVX-512
-BF16 kernel in `core.kernels`, else torch's `_weight_int4pack_mm_for_cpu`) and int8 per output channel
-(`Int8Channels`, torch's `_weight_int8pack_mm`).
+BF16 kernel in `core.kernels`, else torch's `_weight_int4pack_mm_for_cpu`) and int8 per output channel (the same
+kernel's 8-bit path, one group spanning each row, else `Int8Channels`: torch's `_weight_int8pack_mm`).
 
 A low-bit weight replaces a parallel linear layer's `weight` parameter (after the tensor-parallel split, so a rank
 holds only its shard) and is called on the activations: `layer.weight(x)` is `x @ Wᵀ`. The kernels take bfloat16
@@ -174,14 +174,26 @@ def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch
 
 
 def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Symmetric round-to-nearest per output row."""
-    scales = (weight.float().abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    """Symmetric round-to-nearest per output row; the scales are float16 numbers before the codes are chosen."""
+    scales = (weight.float().abs().amax(-1) / 127).clamp(min=2.0**-24).half().float()
     codes = torch.round(weight.float() / scales.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
     return {"codes": codes, "scales": scales}
 
 
+def int8_rows_on_groups_kernel(shape: torch.Size) -> bool:
+    """Whether an int8 per-row weight runs on the integer-group kernel (one group spanning each row) on this
+    machine, rather than torch's int8 kernel."""
+    rows, columns = shape
+    return (rows % INT4_ROWS_MULTIPLE == 0 and columns % GROUP == 0
+            and int_groups_kernel_for(columns) == AVX512_KERNEL)
+
+
 def int8_as_float(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    return parts["codes"].float() * parts["scales"].to(KERNEL_DTYPE).float().unsqueeze(-1)
+    """The float weight the int8 kernel this machine runs multiplies by (for references)."""
+    codes, scales = parts["codes"], parts["scales"]
+    if int8_rows_on_groups_kernel(codes.shape):
+        return int_groups_as_float(codes, scales.unsqueeze(-1), None, codes.shape[-1])
+    return codes.float() * scales.to(KERNEL_DTYPE).float().unsqueeze(-1)
 
 
 def quantize_linears(model: nn.Module, scheme: str, group: int) -> dict[str, str]:
@@ -203,6 +215,10 @@ def quantize_linears(model: nn.Module, scheme: str, group: int) -> dict[str, str
         if scheme == "int4":
             layer.weight = IntGroups(weight, group)
             layer.weight.set_groups(*quantize_int4(weight.detach(), group))
+        elif int8_rows_on_groups_kernel(weight.shape):
+            parts = quantize_int8(weight.detach())
+            layer.weight = IntGroups(weight, weight.shape[-1])
+            layer.weight.set_groups(parts["codes"], parts["scales"].unsqueeze(-1))
         else:
             layer.weight = Int8Channels(weight)
             layer.weight.store(quantize_int8(weight.detach()))

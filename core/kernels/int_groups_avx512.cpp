@@ -1,5 +1,5 @@
 // Matrix products with integer weights in groups of 32 inputs (llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks, and
-// weight_quant int4) on CPUs with AVX-512 BF16: y[m, n] = sum_k x[m, k] * w[n, k], x bfloat16, y float32.
+// weight_quant int4 / int8) on CPUs with AVX-512 BF16: y[m, n] = sum_k x[m, k] * w[n, k], x bfloat16, y float32.
 //
 // Exact to the stored weights: a code becomes a bfloat16 without rounding (4-bit: the bits 0x4300 | q are the
 // number 128 + q; 8-bit: through float32), products of two bfloat16s are exact in float32, and the per-group

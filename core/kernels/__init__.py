@@ -65,8 +65,9 @@ def built_library() -> Path:
           file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         partial = Path(scratch) / target.name
-        result = subprocess.run(compile_command(SOURCE, partial), capture_output=True, text=True, check=False)
-        log.write_text(" ".join(compile_command(SOURCE, target)) + "\n" + result.stdout + result.stderr)
+        command = compile_command(SOURCE, partial)
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        log.write_text(" ".join(command) + "\n" + result.stdout + result.stderr)
         if result.returncode != 0:
             raise RuntimeError(f"the kernel build failed, see {log}")
         os.replace(partial, target)

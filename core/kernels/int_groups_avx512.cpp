@@ -42,6 +42,12 @@ template <int Tile>
 constexpr int kChains = Tile >= 4 ? 1 : 4 / Tile;
 
 template <int Tile>
+AVX512_BF16 inline void cleared(__m512 (&chains)[Tile][kChains<Tile>]) {
+  for (int t = 0; t < Tile; ++t)
+    for (int c = 0; c < kChains<Tile>; ++c) chains[t][c] = _mm512_setzero_ps();
+}
+
+template <int Tile>
 AVX512_BF16 inline __m512 joined(const __m512 (&chains)[kChains<Tile>]) {
   __m512 sum = chains[0];
   for (int c = 1; c < kChains<Tile>; ++c) sum = _mm512_add_ps(sum, chains[c]);
@@ -61,8 +67,7 @@ AVX512_BF16 void four_bit_group(const uint16_t* x, int64_t k, const float* sums,
   for (int t = 0; t < Tile; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     __m512 dot[Tile][kChains<Tile>];
-    for (int t = 0; t < Tile; ++t)
-      for (int c = 0; c < kChains<Tile>; ++c) dot[t][c] = _mm512_setzero_ps();
+    cleared<Tile>(dot);
     const uint8_t* block = codes + b * 256;
     for (int j = 0; j < 4; ++j) {
       const __m512i packed = _mm512_loadu_si512(block + 64 * j);
@@ -98,8 +103,7 @@ AVX512_BF16 void eight_bit_group(const uint16_t* x, int64_t k, const float*, int
   for (int t = 0; t < Tile; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     __m512 dot[Tile][kChains<Tile>];
-    for (int t = 0; t < Tile; ++t)
-      for (int c = 0; c < kChains<Tile>; ++c) dot[t][c] = _mm512_setzero_ps();
+    cleared<Tile>(dot);
     const uint8_t* block = codes + b * 512;
     for (int p = 0; p < 16; ++p) {
       const __m512i first = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 32 * p)));
@@ -172,9 +176,10 @@ at::Tensor int_groups_mm(const at::Tensor& x, const at::Tensor& codes, const at:
   if (rows == 0) return y;
 
   const auto* inputs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  // Per-block input sums, for the mins' term (8-bit codes have none).
+  std::vector<float> sums(mins.has_value() ? rows * blocks : 0, 0.0f);
   const at::BFloat16* values = x.data_ptr<at::BFloat16>();
-  std::vector<float> sums(rows * blocks, 0.0f);
-  for (int64_t i = 0; i < rows * k; ++i) sums[i / kBlock] += static_cast<float>(values[i]);
+  for (size_t i = 0; i < sums.size() * kBlock; ++i) sums[i / kBlock] += static_cast<float>(values[i]);
   const uint8_t* code_data = codes.data_ptr<uint8_t>();
   const at::Half* scale_data = scales.data_ptr<at::Half>();
   const at::Half* min_data = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
@@ -183,7 +188,7 @@ at::Tensor int_groups_mm(const at::Tensor& x, const at::Tensor& codes, const at:
     for (int64_t g = first; g < last; ++g) {
       for (int64_t r = 0; r < rows; r += kMaxTile) {
         const int64_t tile = std::min<int64_t>(kMaxTile, rows - r);
-        for_tile<Kernel>(tile)(inputs + r * k, k, sums.data() + r * blocks, blocks,
+        for_tile<Kernel>(tile)(inputs + r * k, k, sums.empty() ? nullptr : sums.data() + r * blocks, blocks,
                                code_data + g * blocks * bytes_per_block, scale_data + g * blocks * kRows,
                                min_data ? min_data + g * blocks * kRows : nullptr, out + r * n + g * kRows, n);
       }

@@ -11,9 +11,10 @@ packed`); (f) `weight_quant: int4` and (g) `int8`, quantized at load from the fl
 the same GGUF file with the same threads (`pip install llama-cpp-python==0.3.36`, built from source; skipped with a
 note when absent). Each warms up once (compiling
 what it compiles), then they run in turn, `--repeats` rounds, so drift hits all alike; a figure is the median
-over rounds. The machine's memory read bandwidth is measured in the same run: the decode roofline is that
-bandwidth over the bytes of weights one decode step reads (every parameter once; an untied input embedding only
-gathers rows, so it is left out), and each decode figure is also given as a fraction of it.
+over rounds. The machine's memory read bandwidth is measured at the start of every round, since on a shared host
+it moves (30 to 53 GB/s within one hour on a 2-core AMD EPYC VM): a round's decode roofline is its bandwidth over
+the bytes of weights one decode step reads (every parameter once; an untied input embedding only gathers rows, so
+it is left out), and each decode figure is also given as the median over rounds of its fraction of that roofline.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def contenders(dtype: str, batch_size: int, new_tokens: int) -> dict:
     return built
 
 
-def measure(dtype: str, batch_size: int, new_tokens: int, repeats: int, bandwidth: float) -> list[dict]:
+def measure(dtype: str, batch_size: int, new_tokens: int, repeats: int) -> list[dict]:
     prompts = PROMPTS[:batch_size]
     built, compile_s = {}, {}
     for name, build in contenders(dtype, batch_size, new_tokens).items():
@@ -176,13 +177,16 @@ def measure(dtype: str, batch_size: int, new_tokens: int, repeats: int, bandwidt
         built[name] = build()
         built[name].run(prompts)
         compile_s[name] = time.perf_counter() - started
-    rounds = [{name: contender.run(prompts) for name, contender in built.items()} for _ in range(repeats)]
+    rounds, bandwidths = [], []
+    for _ in range(repeats):
+        bandwidths.append(read_bandwidth_gb_s())
+        rounds.append({name: contender.run(prompts) for name, contender in built.items()})
     float_bytes = weight_bytes_per_step(next(iter(built.values())).model)
     rows = []
     for name, contender in built.items():
         weight_bytes = getattr(contender, "weight_bytes", float_bytes)
-        roofline_steps_per_s = bandwidth * 1e9 / weight_bytes
         decode_ms = statistics.median(round_[name]["decode_ms"] for round_ in rounds)
+        roofline_ms = [weight_bytes / (bandwidth * 1e9) * 1000 for bandwidth in bandwidths]
         rows.append({
             "dtype": dtype, "batch": batch_size, "contender": name,
             "prefill_ms": round(statistics.median(round_[name]["prefill_ms"] for round_ in rounds), 1),
@@ -195,7 +199,9 @@ def measure(dtype: str, batch_size: int, new_tokens: int, repeats: int, bandwidt
             "vs_llama_cpp": round(statistics.median(
                 round_[LLAMA_CPP]["decode_ms"] / round_[name]["decode_ms"] for round_ in rounds), 2)
             if LLAMA_CPP in built else None,
-            "roofline_fraction": round(1000 / decode_ms / roofline_steps_per_s, 3),
+            "roofline_fraction": round(statistics.median(
+                roofline / round_[name]["decode_ms"] for roofline, round_ in zip(roofline_ms, rounds)), 3),
+            "read_bandwidth_gb_s": round(statistics.median(bandwidths), 1),
             "weight_bytes_per_step": weight_bytes,
             "warm_up_s": round(compile_s[name], 1),
         })
@@ -203,9 +209,11 @@ def measure(dtype: str, batch_size: int, new_tokens: int, repeats: int, bandwidt
     return rows
 
 
-def print_table(rows: list[dict], bandwidth: float) -> None:
+def print_table(rows: list[dict]) -> None:
+    bandwidths = [row["read_bandwidth_gb_s"] for row in rows]
     print(f"SmolLM2-135M-Instruct, {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"read bandwidth {bandwidth:.1f} GB/s; integer-group kernel: {int_groups_kernel_for(32)}")
+          f"read bandwidth {min(bandwidths):.1f}-{max(bandwidths):.1f} GB/s (median per dtype and batch, measured "
+          f"each round); integer-group kernel: {int_groups_kernel_for(32)}")
     header = (f"{'dtype':<9} {'batch':>5} {'contender':<26} {'prefill ms':>10} {'decode ms':>9} {'tok/s':>7} "
               f"{'vs HF eager':>11} {'vs HF compiled':>14} {'vs llama.cpp':>12} {'roofline':>8} {'warm-up s':>9}")
     print(header)
@@ -231,12 +239,11 @@ def main() -> int:
         import_gguf(packaged_smollm2_gguf(), KEPT_CHECKPOINT, keep_quantized=True)
         if llama_cpp_missing():
             print(llama_cpp_missing())
-    bandwidth = read_bandwidth_gb_s()
     rows = [row for dtype in args.dtypes for batch in args.batches
-            for row in measure(dtype, batch, args.new_tokens, args.repeats, bandwidth)]
-    print_table(rows, bandwidth)
+            for row in measure(dtype, batch, args.new_tokens, args.repeats)]
+    print_table(rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"cpu": cpu_model(), "read_bandwidth_gb_s": round(bandwidth, 2),
+    args.json.write_text(json.dumps({"cpu": cpu_model(),
                                      "int_groups_kernel": int_groups_kernel_for(32), "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0

@@ -287,9 +287,15 @@ class ModelRunner:
         self._model_attention = self.model.config._attn_implementation
         if self.exe_mode != "eager":
             self.backend.prepare_for_graphs(self.model, self.exe_mode, self.dtype)
-        self.decode_forward = self.backend.compile(self.model.forward, self.exe_mode, float_matmuls, autotune)
-        self.prefill_forward = (self.backend.compile(self.model.forward, self.exe_mode, float_matmuls, autotune)
-                                if self.backend.compiles_prefill else self.model.forward)
+        self.decode_forward = self.backend.compile(self.next_token_logits, self.exe_mode, float_matmuls, autotune)
+        self.prefill_forward = (self.backend.compile(self.next_token_logits, self.exe_mode, float_matmuls, autotune)
+                                if self.backend.compiles_prefill else self.next_token_logits)
+
+    def next_token_logits(self, **model_inputs) -> torch.Tensor:
+        """Each row's last-position logits, [batch, vocab] float32 (rounded to the model's dtype first, as its
+        head returns them). Cast inside the graph, the head's kernel writes float32 once: cast after it, a
+        second pass copies the logits (~0.4 ms a step for SmolLM2 batch 8 on 2 CPU cores)."""
+        return self.model.forward(**model_inputs).logits[:, -1, :].float()
 
     def _parse_quant_hf_config(self, config: PreTrainedConfig) -> dict[str, Any] | None:
         """The checkpoint's `quantization_config` (quant_method and the method's settings), or None."""
@@ -397,7 +403,7 @@ class ModelRunner:
                 torch._dynamo.mark_static(value)
 
     def model_inference(self, model_inputs: dict[str, Any]) -> torch.Tensor:
-        """Run one forward step; return the logits of each row's last position, [batch, vocab]."""
+        """Run one forward step; return the logits of each row's last position, [batch, vocab] float32."""
         decoding = model_inputs["input_ids"].shape[1] == 1
         if decoding:
             self.mark_inputs(model_inputs)
@@ -410,8 +416,7 @@ class ModelRunner:
                 # The cache's buffers take their shapes from their first write, which no graph may trace.
                 self.model(**model_inputs)
                 cache.begin_prompt()  # that pass advanced the recurrent states: the graph's prefill starts afresh
-            outputs = forward(**model_inputs)
-        return outputs.logits[:, -1, :]
+            return forward(**model_inputs)
 
     def _select_attention(self, decoding: bool) -> None:
         """Compiled decode steps may run another attention implementation than the model's (the backend's

@@ -28,7 +28,7 @@ def random_groups(rows: int, columns: int, group: int, bits: int, seed: int = 0)
 @pytest.mark.parametrize("kernel", [AVX512_KERNEL, TORCH_INT4_KERNEL])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows,columns,group,batch", [(16, 32, 32, 1), (96, 192, 32, 3), (48, 256, 64, 8),
-                                                       (32, 128, 128, 11)])
+                                                       (32, 128, 128, 11), (80, 64, 32, 5)])
 def test_int_groups_multiply_by_their_float_weight(monkeypatch, kernel, bits, rows, columns, group, batch):
     if kernel == AVX512_KERNEL and core.kernels.int_groups_kernel() is not None:
         pytest.skip(f"AVX-512 BF16 kernel: {core.kernels.int_groups_kernel()}")

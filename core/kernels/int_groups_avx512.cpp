@@ -56,9 +56,9 @@ AVX512_BF16 inline __m512 joined(const __m512 (&chains)[kChains<Tile>]) {
 
 // `Groups` consecutive 16-row groups against `Tile` activation rows, over all blocks. Each broadcast input pair
 // feeds every group: one broadcast per product holds vdpbf16ps to ~83% of its rate (3.0 against 3.6 G/s a core,
-// AMD EPYC), and the Q4_1 step's batch-8 products are most of its time. 4-bit layout per block: 4 chunks of 64 bytes, each
-// giving input pairs 4j..4j+3 of the 16 rows: lower nibbles through unpacklo / unpackhi (pairs 4j, 4j+1), upper
-// nibbles the same way (pairs 4j+2, 4j+3).
+// AMD EPYC), and the Q4_1 step's batch-8 products are most of its time. 4-bit layout per block: 4 chunks of 64
+// bytes, each giving input pairs 4j..4j+3 of the 16 rows: lower nibbles through unpacklo / unpackhi (pairs 4j,
+// 4j+1), upper nibbles the same way (pairs 4j+2, 4j+3).
 template <int Tile, int Groups>
 AVX512_BF16 void four_bit_group(const uint16_t* x, int64_t k, const float* sums, int64_t blocks, const uint8_t* codes,
                                 const at::Half* scales, const at::Half* mins, float* y, int64_t n) {

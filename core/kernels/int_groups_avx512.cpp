@@ -42,16 +42,26 @@ template <int Tile>
 constexpr int kChains = Tile >= 4 ? 1 : 4 / Tile;
 
 template <int Tile>
-AVX512_BF16 inline void cleared(__m512 (&chains)[Tile][kChains<Tile>]) {
-  for (int t = 0; t < Tile; ++t)
-    for (int c = 0; c < kChains<Tile>; ++c) chains[t][c] = _mm512_setzero_ps();
-}
-
-template <int Tile>
 AVX512_BF16 inline __m512 joined(const __m512 (&chains)[kChains<Tile>]) {
   __m512 sum = chains[0];
   for (int c = 1; c < kChains<Tile>; ++c) sum = _mm512_add_ps(sum, chains[c]);
   return sum;
+}
+
+// Every activation row's input pair `pair` times each group's weights `w`, into accumulation chain `chain`.
+template <int Tile, int Groups>
+AVX512_BF16 inline void accumulate(__m512 (&dot)[Groups][Tile][kChains<Tile>], const __m512bh (&w)[Groups],
+                                   const uint16_t* x, int64_t k, int64_t pair, int chain) {
+  for (int t = 0; t < Tile; ++t) {
+    const __m512bh inputs = pair_of(x + t * k + 2 * pair);
+    for (int g = 0; g < Groups; ++g) dot[g][t][chain] = _mm512_dpbf16_ps(dot[g][t][chain], w[g], inputs);
+  }
+}
+
+template <int Tile, int Groups>
+AVX512_BF16 inline void stored(const __m512 (&acc)[Groups][Tile], float* y, int64_t n) {
+  for (int g = 0; g < Groups; ++g)
+    for (int t = 0; t < Tile; ++t) _mm512_storeu_ps(y + t * n + g * kRows, acc[g][t]);
 }
 
 // `Groups` consecutive 16-row groups against `Tile` activation rows, over all blocks. Each broadcast input pair
@@ -65,12 +75,9 @@ AVX512_BF16 void four_bit_group(const uint16_t* x, int64_t k, const float* sums,
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const __m512i exponent = _mm512_set1_epi8(0x43);
   const __m512 offset = _mm512_set1_ps(128.0f);
-  __m512 acc[Groups][Tile];
-  for (int g = 0; g < Groups; ++g)
-    for (int t = 0; t < Tile; ++t) acc[g][t] = _mm512_setzero_ps();
+  __m512 acc[Groups][Tile] = {};
   for (int64_t b = 0; b < blocks; ++b) {
-    __m512 dot[Groups][Tile][kChains<Tile>];
-    for (int g = 0; g < Groups; ++g) cleared<Tile>(dot[g]);
+    __m512 dot[Groups][Tile][kChains<Tile>] = {};
     for (int j = 0; j < 4; ++j) {
       __m512i low[Groups], high[Groups];
       for (int g = 0; g < Groups; ++g) {
@@ -85,13 +92,7 @@ AVX512_BF16 void four_bit_group(const uint16_t* x, int64_t k, const float* sums,
           w[g] = reinterpret_cast<__m512bh>(i % 2 == 0 ? _mm512_unpacklo_epi8(half, exponent)
                                                        : _mm512_unpackhi_epi8(half, exponent));
         }
-        for (int t = 0; t < Tile; ++t) {
-          const __m512bh pair = pair_of(x + t * k + b * kBlock + 8 * j + 2 * i);
-          for (int g = 0; g < Groups; ++g) {
-            __m512& chain = dot[g][t][(4 * j + i) % kChains<Tile>];
-            chain = _mm512_dpbf16_ps(chain, w[g], pair);
-          }
-        }
+        accumulate<Tile, Groups>(dot, w, x, k, b * kBlock / 2 + 4 * j + i, (4 * j + i) % kChains<Tile>);
       }
     }
     for (int g = 0; g < Groups; ++g) {
@@ -103,20 +104,16 @@ AVX512_BF16 void four_bit_group(const uint16_t* x, int64_t k, const float* sums,
       }
     }
   }
-  for (int g = 0; g < Groups; ++g)
-    for (int t = 0; t < Tile; ++t) _mm512_storeu_ps(y + t * n + g * kRows, acc[g][t]);
+  stored<Tile, Groups>(acc, y, n);
 }
 
 // 8-bit layout per block: 16 chunks of 32 signed bytes, chunk p holding input pair p of the 16 rows.
 template <int Tile, int Groups>
 AVX512_BF16 void eight_bit_group(const uint16_t* x, int64_t k, const float*, int64_t blocks, const uint8_t* codes,
                                  const at::Half* scales, const at::Half*, float* y, int64_t n) {
-  __m512 acc[Groups][Tile];
-  for (int g = 0; g < Groups; ++g)
-    for (int t = 0; t < Tile; ++t) acc[g][t] = _mm512_setzero_ps();
+  __m512 acc[Groups][Tile] = {};
   for (int64_t b = 0; b < blocks; ++b) {
-    __m512 dot[Groups][Tile][kChains<Tile>];
-    for (int g = 0; g < Groups; ++g) cleared<Tile>(dot[g]);
+    __m512 dot[Groups][Tile][kChains<Tile>] = {};
     for (int p = 0; p < 16; ++p) {
       __m512bh w[Groups];
       for (int g = 0; g < Groups; ++g) {
@@ -125,21 +122,14 @@ AVX512_BF16 void eight_bit_group(const uint16_t* x, int64_t k, const float*, int
         const __m512i second = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk + 16)));
         w[g] = _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(second), _mm512_cvtepi32_ps(first));
       }
-      for (int t = 0; t < Tile; ++t) {
-        const __m512bh pair = pair_of(x + t * k + b * kBlock + 2 * p);
-        for (int g = 0; g < Groups; ++g) {
-          __m512& chain = dot[g][t][p % kChains<Tile>];
-          chain = _mm512_dpbf16_ps(chain, w[g], pair);
-        }
-      }
+      accumulate<Tile, Groups>(dot, w, x, k, b * kBlock / 2 + p, p % kChains<Tile>);
     }
     for (int g = 0; g < Groups; ++g) {
       const __m512 scale = scale_of(scales + (g * blocks + b) * kRows);
       for (int t = 0; t < Tile; ++t) acc[g][t] = _mm512_fmadd_ps(joined<Tile>(dot[g][t]), scale, acc[g][t]);
     }
   }
-  for (int g = 0; g < Groups; ++g)
-    for (int t = 0; t < Tile; ++t) _mm512_storeu_ps(y + t * n + g * kRows, acc[g][t]);
+  stored<Tile, Groups>(acc, y, n);
 }
 
 using GroupKernel = void (*)(const uint16_t*, int64_t, const float*, int64_t, const uint8_t*, const at::Half*,

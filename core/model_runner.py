@@ -286,7 +286,7 @@ class ModelRunner:
         autotune = self.runner_settings["model_config"]["compile_autotune"]
         self._model_attention = self.model.config._attn_implementation
         if self.exe_mode != "eager":
-            self.backend.prepare_for_graphs(self.model, self.exe_mode, self.dtype)
+            self.backend.prepare_for_graphs(self.model, self.exe_mode, self.dtype, float_matmuls, autotune)
         self.decode_forward = self.backend.compile(self.next_token_logits, self.exe_mode, float_matmuls, autotune)
         self.prefill_forward = (self.backend.compile(self.next_token_logits, self.exe_mode, float_matmuls, autotune)
                                 if self.backend.compiles_prefill else self.next_token_logits)

@@ -9,6 +9,7 @@ import torch
 
 from conftest import run_cli
 from core.backends.cpu import CpuBackend
+from core.backends.repeated_blocks import repeated_blocks
 from generated_models.gpt_oss.runner_gpt_oss import GptOssRunner
 from generated_models.falcon_h1.runner_falcon_h1 import FalconH1Runner
 from generated_models.granitemoehybrid.runner_granitemoehybrid import GraniteMoeHybridRunner
@@ -80,6 +81,41 @@ def test_compiled_models_of_one_class_never_share_graphs():
         results = [run(x) for run in compiled]
         expected = [first(x), second(x)]
     assert all(torch.allclose(result, want, atol=1e-6) for result, want in zip(results, expected))
+
+
+class Stack(torch.nn.Module):
+    """Identical blocks, each with its own weights and scale, and a nested list that is part of each block."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(Scaled(float(index + 1)) for index in range(4))
+        for layer in self.layers:
+            layer.parts = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_repeated_blocks_compile_once_and_each_keeps_its_weights():
+    """The decoder-layer stack is marked as one compile region (not the lists inside a layer); the compiled stack
+    still runs every layer with its own weights and constants."""
+    model, x = Stack(), torch.randn(2, 4)
+    assert repeated_blocks(model) == list(model.layers)
+    with torch.inference_mode():
+        expected = model(x)
+        backend = CpuBackend()
+        backend.prepare_for_graphs(model, "inductor", torch.float32, autotune=False)
+        compiled = backend.compile(model.forward, "inductor", autotune=False)
+        assert torch.allclose(compiled(x), expected, atol=1e-5)
+
+
+def test_tiny_port_marks_its_decoder_layers(tiny_gpt_oss):
+    runner = GptOssRunner(verification_settings(GptOssRunner, tiny_gpt_oss, 1, 4, {"exe_mode": "eager"}))
+    runner.init_model()
+    assert repeated_blocks(runner.model) == list(runner.model.model.layers)
 
 
 def test_a_forward_with_a_graph_break_still_compiles_and_keeps_its_guards(caplog):

@@ -46,8 +46,10 @@ class DeviceBackend:
         """The attention implementation compiled decode steps run for a model whose own is `model_attention`."""
         return model_attention
 
-    def prepare_for_graphs(self, model: torch.nn.Module, exe_mode: str, dtype: torch.dtype) -> None:
-        """Switch what `exe_mode`'s graphs cannot hold to what they can, before the first compile."""
+    def prepare_for_graphs(self, model: torch.nn.Module, exe_mode: str, dtype: torch.dtype,
+                           float_matmuls: bool = True, autotune: bool | None = None) -> None:
+        """Switch what `exe_mode`'s graphs cannot hold to what they can, before the first compile; float_matmuls
+        and autotune as `compile` will be given them."""
 
     def step_timer(self) -> StepTimer:
         """A timer for one generation step; its `elapsed_ms` is read after `synchronize()` ends the generation."""

@@ -38,7 +38,8 @@ class CudaBackend(DeviceBackend):
         # (eager with attention sinks, soft-capping) are the model's own and stay.
         return GROUPED_DECODE if model_attention == "sdpa" else model_attention
 
-    def prepare_for_graphs(self, model: torch.nn.Module, exe_mode: str, dtype: torch.dtype) -> None:
+    def prepare_for_graphs(self, model: torch.nn.Module, exe_mode: str, dtype: torch.dtype,
+                           float_matmuls: bool = True, autotune: bool | None = None) -> None:
         """transformers' grouped-matmul experts fall back, for weights other than bf16, to a loop over the experts'
         row offsets read on the host, which a CUDA graph cannot capture; its batched matmul never leaves the
         device."""

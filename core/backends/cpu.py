@@ -7,6 +7,8 @@ from torch._inductor import list_mode_options
 
 from core.backends.base import DeviceBackend, one_graph
 from core.backends.repeated_blocks import compile_blocks_once
+from core.decode_attention import CPU_DECODE
+from core.kernels import decode_attention_kernel
 
 
 # Inductor inlines a pointwise body of up to 50 ops on CPU into each consumer. The rotary-embedded query (~20 ops
@@ -42,15 +44,16 @@ class CpuBackend(DeviceBackend):
         return torch.device("cpu")
 
     def decode_attention(self, model_attention: str) -> str:
-        # One query against the cache: HF's eager attention (matmul, softmax, matmul) is fused by inductor into the
-        # layer's own C++ loops, where SDPA stays an opaque call costing ~40 us per layer at SmolLM2's sizes.
-        return "eager"
+        # One query against the cache: our AVX-512 kernel (core.decode_attention.cpu_decode_attention), else HF's
+        # eager attention (matmul, softmax, matmul), which inductor fuses into the layer's own C++ loops — SDPA
+        # stays an opaque call costing ~40 us per layer at SmolLM2's sizes.
+        return CPU_DECODE if decode_attention_kernel() is None else "eager"
 
     def prepare_for_graphs(self, model: torch.nn.Module, exe_mode: str, dtype: torch.dtype,
                            float_matmuls: bool = True, autotune: bool | None = None) -> None:
         """Untuned graphs compile each distinct decoder layer once, not once per layer
-        (core.backends.repeated_blocks). Tuned ones compile every layer: a layer's subgraph takes its weights as inputs, which freezing cannot fold
-        and prepack (SmolLM2 bf16: 23 ms a step instead of 8.5)."""
+        (core.backends.repeated_blocks). Tuned ones compile every layer: a layer's subgraph takes its weights as
+        inputs, which freezing cannot fold and prepack (SmolLM2 bf16: 23 ms a step instead of 8.5)."""
         if not tuned(float_matmuls, autotune):
             compile_blocks_once(model)
 

@@ -1,8 +1,9 @@
 """Our own CPU kernels, C++ compiled once per machine and torch release, registered as `torch.ops.recipes_scaffold`.
 
-`int_groups_kernel()` builds (a few seconds, the first time) and loads the AVX-512 BF16 kernel for integer weights
-in groups of 32 (`int_groups_avx512.cpp`), or says why this machine cannot: no AVX-512 BF16, no C++ compiler, a
-failed build (its log is kept beside the cache). Callers fall back to torch's own int4 kernel then.
+`cpu_kernels()` builds (a few seconds, the first time) and loads them, or says why this machine cannot: no AVX-512
+BF16, no C++ compiler, a failed build (its log is kept beside the cache). Callers fall back to torch's own kernels
+then. `int_groups_avx512.cpp`: matrix products with integer weights in groups of 32; `decode_attention_avx512.cpp`:
+one query per row attending to a static cache.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int_groups_avx512.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("int_groups_avx512.cpp", "decode_attention_avx512.cpp")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c")
 GROUP = 32
 ROWS = 16
@@ -41,13 +42,13 @@ def missing_cpu_flags() -> list[str]:
     return [flag for flag in REQUIRED_CPU_FLAGS if flag not in flags]
 
 
-def compile_command(source: Path, target: Path) -> list[str]:
+def compile_command(sources: list[Path], target: Path) -> list[str]:
     torch_dir = Path(torch.__file__).parent
     return [
         os.environ.get("CXX", "g++"), "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}",
-        str(source), "-o", str(target),
+        *map(str, sources), "-o", str(target),
         # torch's own libgomp, so that the kernel's threads are torch's threads
         f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}",
     ]
@@ -55,17 +56,17 @@ def compile_command(source: Path, target: Path) -> list[str]:
 
 def built_library() -> Path:
     """The compiled kernel library, built into the cache when this source, torch and Python have none yet."""
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
-    target = cache_dir() / f"int_groups_avx512-{key}.so"
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_kernels_avx512-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log = target.with_suffix(".log")
-    print("building the AVX-512 BF16 kernel for integer weight groups (once per machine, a few seconds)",
-          file=sys.stderr)
+    print("building the AVX-512 CPU kernels (once per machine, a few seconds)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         partial = Path(scratch) / target.name
-        command = compile_command(SOURCE, partial)
+        command = compile_command(SOURCES, partial)
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         log.write_text(" ".join(command) + "\n" + result.stdout + result.stderr)
         if result.returncode != 0:
@@ -75,16 +76,26 @@ def built_library() -> Path:
 
 
 @functools.cache
-def int_groups_kernel() -> str | None:
-    """Load the AVX-512 BF16 integer-groups kernel; returns None when loaded, else why it is not available."""
-    reason = load_int_groups_kernel()
+def cpu_kernels() -> str | None:
+    """Load the AVX-512 kernels; returns None when loaded, else why they are not available."""
+    reason = load_cpu_kernels()
     if reason is not None:
-        logger.warning("integer weight groups run on torch's int4 kernel: the AVX-512 BF16 kernel is not available "
-                       "(%s)", reason)
+        logger.warning("integer weight groups and decode attention run on torch's kernels: the AVX-512 kernels are "
+                       "not available (%s)", reason)
     return reason
 
 
-def load_int_groups_kernel() -> str | None:
+def int_groups_kernel() -> str | None:
+    """None when the integer-groups kernel is loaded, else why it is not available."""
+    return cpu_kernels()
+
+
+def decode_attention_kernel() -> str | None:
+    """None when the decode-attention kernel is loaded, else why it is not available."""
+    return cpu_kernels()
+
+
+def load_cpu_kernels() -> str | None:
     missing = missing_cpu_flags()
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
@@ -102,5 +113,9 @@ def load_int_groups_kernel() -> str | None:
     @torch.library.register_fake("recipes_scaffold::int8_groups_mm")
     def _(x, codes, scales):
         return x.new_empty((x.shape[0], codes.shape[0] * ROWS), dtype=torch.float32)
+
+    @torch.library.register_fake("recipes_scaffold::decode_attention")
+    def _(q, k, v, mask, scale):
+        return q.new_empty((q.shape[0], 1, q.shape[1], v.shape[3]))
 
     return None

@@ -6,7 +6,7 @@ For each configuration, two processes in turn share one new, empty inductor cach
 the first compiles everything (cold), the second finds the first one's FX graphs there (warm). A figure is the wall
 time from starting `python` to the 32nd generated token of one prompt (batch 1), interpreter start and imports
 included; each process then generates again and counts what that second run compiled (0 expected). The
-integer-group kernel is built once per machine into its own cache beforehand (`core/kernels`) and is not counted.
+CPU kernels are built once per machine into their own cache beforehand (`core/kernels`) and are not counted.
 """
 
 from __future__ import annotations
@@ -79,11 +79,11 @@ def main() -> int:
     from real_model import CHECKPOINT, KEPT_CHECKPOINT
 
     from core.gguf_import import import_gguf, packaged_smollm2_gguf
-    from core.kernels import int_groups_kernel
+    from core.kernels import cpu_kernels
 
     import_gguf(packaged_smollm2_gguf(), CHECKPOINT)
     import_gguf(packaged_smollm2_gguf(), KEPT_CHECKPOINT, keep_quantized=True)
-    int_groups_kernel()
+    cpu_kernels()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     log_path = args.json.with_suffix(".log")
     rows = []

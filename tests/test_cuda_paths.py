@@ -12,7 +12,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from core.backends.cpu import CpuBackend
 from core.backends.cuda import CudaBackend
 from core.decode_attention import CPU_DECODE, GROUPED_DECODE, grouped_decode_attention
-from core.kernels import decode_attention_kernel
+from core.kernels import cpu_kernels
 from core.sampling import chunked_argmax
 from generated_models.llama.runner_llama import LlamaRunner
 from generated_models.qwen3_moe.runner_qwen3_moe import Qwen3MoeRunner
@@ -52,7 +52,7 @@ def test_grouped_decode_attention_hands_prompts_to_sdpa():
 def test_cuda_decode_steps_replace_sdpa_only():
     assert CudaBackend().decode_attention("sdpa") == GROUPED_DECODE
     assert CudaBackend().decode_attention("eager") == "eager"  # gpt_oss's sinks live in its eager attention
-    assert CpuBackend().decode_attention("sdpa") == (CPU_DECODE if decode_attention_kernel() is None else "eager")
+    assert CpuBackend().decode_attention("sdpa") == (CPU_DECODE if cpu_kernels() is None else "eager")
 
 
 def test_a_port_compiled_with_the_grouped_decode_attention_matches_hf(tmp_path, monkeypatch):

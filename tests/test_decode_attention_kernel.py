@@ -11,8 +11,8 @@ from core.decode_attention import CPU_DECODE, cpu_decode_attention
 from generated_models.llama.runner_llama import LlamaRunner
 from scaffold.verify import build_tiny_checkpoint, verify_port
 
-pytestmark = pytest.mark.skipif(core.kernels.decode_attention_kernel() is not None,
-                                reason=f"AVX-512 kernels: {core.kernels.decode_attention_kernel()}")
+pytestmark = pytest.mark.skipif(core.kernels.cpu_kernels() is not None,
+                                reason=f"AVX-512 kernels: {core.kernels.cpu_kernels()}")
 
 
 def reference(query, key, value, mask, scale):

@@ -9,8 +9,8 @@ import core.kernels
 from core.quantization import low_bit
 from core.quantization.low_bit import AVX512_KERNEL, TORCH_INT4_KERNEL, IntGroups, int_groups_as_float
 
-needs_avx512_bf16 = pytest.mark.skipif(core.kernels.int_groups_kernel() is not None,
-                                       reason=f"AVX-512 BF16 kernel: {core.kernels.int_groups_kernel()}")
+needs_avx512_bf16 = pytest.mark.skipif(core.kernels.cpu_kernels() is not None,
+                                       reason=f"AVX-512 BF16 kernel: {core.kernels.cpu_kernels()}")
 
 
 def random_groups(rows: int, columns: int, group: int, bits: int, seed: int = 0):
@@ -30,8 +30,8 @@ def random_groups(rows: int, columns: int, group: int, bits: int, seed: int = 0)
 @pytest.mark.parametrize("rows,columns,group,batch", [(16, 32, 32, 1), (96, 192, 32, 3), (48, 256, 64, 8),
                                                        (32, 128, 128, 11), (80, 64, 32, 5)])
 def test_int_groups_multiply_by_their_float_weight(monkeypatch, kernel, bits, rows, columns, group, batch):
-    if kernel == AVX512_KERNEL and core.kernels.int_groups_kernel() is not None:
-        pytest.skip(f"AVX-512 BF16 kernel: {core.kernels.int_groups_kernel()}")
+    if kernel == AVX512_KERNEL and core.kernels.cpu_kernels() is not None:
+        pytest.skip(f"AVX-512 BF16 kernel: {core.kernels.cpu_kernels()}")
     monkeypatch.setattr(low_bit, "int_groups_kernel_for", lambda group: kernel)
     codes, scales, mins = random_groups(rows, columns, group, bits)
     weight = IntGroups(nn.Parameter(torch.empty(rows, columns)), group)

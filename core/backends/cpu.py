@@ -8,7 +8,7 @@ from torch._inductor import list_mode_options
 from core.backends.base import DeviceBackend, one_graph
 from core.backends.repeated_blocks import compile_blocks_once
 from core.decode_attention import CPU_DECODE
-from core.kernels import decode_attention_kernel
+from core.kernels import cpu_kernels
 
 
 # Inductor inlines a pointwise body of up to 50 ops on CPU into each consumer. The rotary-embedded query (~20 ops
@@ -17,8 +17,9 @@ from core.kernels import decode_attention_kernel
 # ops are computed once.
 DECODE_FUSION = {"realize_opcount_threshold": 16}
 # Inductor checks the sizes and strides of a graph's inputs in Python before every call, and of each decoder layer's
-# subgraph inputs once per layer (core.backends.repeated_blocks): ~15 checks a layer, 6% of a SmolLM2 Q4_1 step on
-# 2 EPYC cores. Dynamo's guards already check the graph's inputs; what flows between subgraphs inductor produced.
+# subgraph inputs once per layer (core.backends.repeated_blocks): ~15 checks a layer, 10% / 6% of a SmolLM2 Q4_1
+# step at batch 1 / 8 on 2 EPYC cores. Dynamo's guards already check the graph's inputs; what flows between
+# subgraphs inductor produced.
 NO_INPUT_CHECKS = {"size_asserts": False, "alignment_asserts": False}
 
 
@@ -47,7 +48,7 @@ class CpuBackend(DeviceBackend):
         # One query against the cache: our AVX-512 kernel (core.decode_attention.cpu_decode_attention), else HF's
         # eager attention (matmul, softmax, matmul), which inductor fuses into the layer's own C++ loops — SDPA
         # stays an opaque call costing ~40 us per layer at SmolLM2's sizes.
-        return CPU_DECODE if decode_attention_kernel() is None else "eager"
+        return CPU_DECODE if cpu_kernels() is None else "eager"
 
     def prepare_for_graphs(self, model: torch.nn.Module, exe_mode: str, dtype: torch.dtype,
                            float_matmuls: bool = True, autotune: bool | None = None) -> None:

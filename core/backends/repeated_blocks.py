@@ -5,7 +5,7 @@ work for SmolLM2 — and only deduplicate the identical kernels afterwards. Mark
 (`torch.compiler.nested_compile_region`), each layer is still traced, but layers whose graphs are equal share one
 compiled subgraph, called once per layer with that layer's weights and cache; a layer that differs (a sliding-window
 layer among full ones) gets a subgraph of its own. SmolLM2 with its GGUF Q4_1 weights kept, on a 2-core AMD EPYC
-(bench/compile_cost.py, process start to 32 tokens, empty inductor cache): 31 s instead of 69 s.
+(bench/compile_cost.py, process start to 32 tokens, empty inductor cache): 28-31 s instead of 69 s.
 """
 
 from __future__ import annotations
@@ -45,9 +45,7 @@ def _block_forward(block: nn.Module, _traced_each_call: _TracedEachCall, *args, 
 _REGION = compiler.nested_compile_region(_block_forward)
 
 
-def compile_blocks_once(model: nn.Module) -> int:
-    """Route each repeated block's forward through the compile region; returns how many blocks."""
-    blocks = repeated_blocks(model)
-    for block in blocks:
+def compile_blocks_once(model: nn.Module) -> None:
+    """Route each repeated block's forward through the compile region."""
+    for block in repeated_blocks(model):
         block.forward = functools.partial(_REGION, block, _TRACED_EACH_CALL)
-    return len(blocks)

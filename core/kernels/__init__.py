@@ -85,16 +85,6 @@ def cpu_kernels() -> str | None:
     return reason
 
 
-def int_groups_kernel() -> str | None:
-    """None when the integer-groups kernel is loaded, else why it is not available."""
-    return cpu_kernels()
-
-
-def decode_attention_kernel() -> str | None:
-    """None when the decode-attention kernel is loaded, else why it is not available."""
-    return cpu_kernels()
-
-
 def load_cpu_kernels() -> str | None:
     missing = missing_cpu_flags()
     if missing:

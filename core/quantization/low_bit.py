@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from core.errors import SettingsError
-from core.kernels import GROUP, int_groups_kernel
+from core.kernels import GROUP, cpu_kernels
 from core.kernels.layout import block_scales, eight_bit_layout, four_bit_layout
 from core.layers.linear import RowParallelLinear, SegmentedColumnLinear
 from core.quantization.base import PackedWeight
@@ -117,7 +117,7 @@ class IntGroups(LowBitWeight):
 
 def int_groups_kernel_for(group: int) -> str:
     """Which kernel runs integer groups of `group` inputs on this machine."""
-    if group % GROUP == 0 and int_groups_kernel() is None:
+    if group % GROUP == 0 and cpu_kernels() is None:
         return AVX512_KERNEL
     return TORCH_INT4_KERNEL
 

@@ -1,4 +1,4 @@
-"""`recipes-scaffold MODEL --from transformers [--out ROOT] [--force]`, and `tiny-checkpoint` for demos."""
+"""`recipes-scaffold MODEL [MODEL ...] [--from SOURCE] [--out ROOT] [--force | --upgrade]`, and subcommands."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from core.cli import exit_on_user_error
+from scaffold.errors import ScaffoldError
 from scaffold.pipeline import generate
 from scaffold.quantized_formats import QUANTIZATIONS
 
@@ -21,7 +22,9 @@ def _scaffold_parser() -> argparse.ArgumentParser:
         "and `recipes-scaffold tiny-checkpoint MODEL_TYPE --out DIR [--quant mxfp4|fp8]` (a tiny random checkpoint "
         "to try a port).",
     )
-    parser.add_argument("model", help="model name as in transformers/models/, e.g. gpt_oss")
+    parser.add_argument("models", nargs="+", metavar="model",
+                        help="model name as in transformers/models/, e.g. gpt_oss; several regenerate several ports "
+                             "in one run (`--upgrade` after a transformers release)")
     parser.add_argument("--from", dest="source", default="transformers",
                         help="'transformers' (the installed release) or a folder holding config.json, "
                              "configuration_*.py and modeling_*.py (parsed, never imported)")
@@ -75,16 +78,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tiny {args.model_type} checkpoint{stored} written to {path}")
         return 0
     args = _scaffold_parser().parse_args(argv)
-    started = time.perf_counter()
-    report = generate(args.model, args.source, args.out, force=args.force, upgrade=args.upgrade).report
-    for path in report.written:
-        print(f"wrote {path}")
-    for path in report.merged:
-        print(f"merged your edits into {path}")
-    print(f"{args.model}: {len(report.written)} files written in {time.perf_counter() - started:.2f} s")
-    if report.conflicted:
-        print(f"conflicts to resolve (marked <<<<<<< / >>>>>>>): {', '.join(map(str, report.conflicted))}",
-              file=sys.stderr)
+    if len(args.models) > 1 and args.source != "transformers":
+        raise ScaffoldError(f"--from {args.source} holds one model; give one name, not {len(args.models)}")
+    conflicted = []
+    for model in args.models:
+        started = time.perf_counter()
+        report = generate(model, args.source, args.out, force=args.force, upgrade=args.upgrade).report
+        for path in report.written:
+            print(f"wrote {path}")
+        for path in report.merged:
+            print(f"merged your edits into {path}")
+        print(f"{model}: {len(report.written)} files written in {time.perf_counter() - started:.2f} s")
+        conflicted += report.conflicted
+    if conflicted:
+        print(f"conflicts to resolve (marked <<<<<<< / >>>>>>>): {', '.join(map(str, conflicted))}", file=sys.stderr)
         return 1
     return 0
 

@@ -28,6 +28,7 @@ from core.model_runner import ModelRunner
 from core.quantization import PackedWeight
 from core.sampling import SamplingParams
 from core.split import split_checkpoint
+from scaffold.rank_pool import active_pool, rank_failure, serve
 from scaffold.tiny import build_tiny_checkpoint
 
 __all__ = [
@@ -234,8 +235,13 @@ def verify_port_distributed_cases(
     timeout_s: float = 600,
 ) -> dict[str, VerifyReport]:
     """Several `verify_port_distributed` runs in one torchrun launch: the ranks start and import once, then
-    verify each case in turn. Returns the reports by case name."""
+    verify each case in turn. Returns the reports by case name. Inside `scaffold.rank_pool.shared_launches()` the
+    cases go to that launch, kept up between calls."""
     launched = {name: _launched_case(runner_path, case, world_size) for name, case in cases.items()}
+    pool = active_pool(world_size)
+    if pool is not None:
+        reports = pool.run(runner_path, launched, timeout_s)
+        return {name: VerifyReport.from_json(reports[name]) for name in cases}
     with tempfile.TemporaryDirectory() as scratch:
         cases_path, reports_path = Path(scratch) / "cases.json", Path(scratch) / "reports.json"
         cases_path.write_text(json.dumps(launched))
@@ -246,7 +252,8 @@ def verify_port_distributed_cases(
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         if result.returncode != 0 or not reports_path.exists():
-            raise RuntimeError(f"torchrun verification failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+            raise RuntimeError(f"torchrun verification failed (exit {result.returncode}): "
+                               f"{rank_failure(result.stderr)}\n{result.stderr[-4000:]}")
         reports = json.loads(reports_path.read_text())
         return {name: VerifyReport.from_json(reports[name]) for name in cases}
 
@@ -269,6 +276,14 @@ def _launched_case(runner_path: str, case: DistributedCase, world_size: int) -> 
     return {"checkpoint": str(case.checkpoint), "overrides": overrides, "reference_checkpoint": reference}
 
 
+def verify_launched_cases(runner_path: str, cases: dict[str, dict[str, Any]]) -> dict[str, VerifyReport]:
+    """A rank's part: every case, in `_launched_case`'s form, verified in turn."""
+    runner_class = _import_runner(runner_path)
+    return {name: verify_port(runner_class, case["checkpoint"], settings_overrides=case["overrides"],
+                              reference_checkpoint=case.get("reference_checkpoint"))
+            for name, case in cases.items()}
+
+
 def _import_runner(runner_path: str) -> type[ModelRunner]:
     module_name, _, class_name = runner_path.partition(":")
     return getattr(importlib.import_module(module_name), class_name)
@@ -276,16 +291,20 @@ def _import_runner(runner_path: str) -> type[ModelRunner]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Verify a port against HF eager (run under torchrun for TP>1).")
-    parser.add_argument("--runner", required=True, help="package.module:RunnerClass")
-    parser.add_argument("--cases", required=True, type=Path,
+    parser.add_argument("--runner", help="package.module:RunnerClass")
+    parser.add_argument("--cases", type=Path,
                         help='JSON file: {"name": {"checkpoint": DIR, "overrides": {runner_settings overrides}}}')
     parser.add_argument("--json", type=Path, help="rank 0 writes the reports here, by case name")
+    parser.add_argument("--serve", type=Path, metavar="FOLDER",
+                        help="instead: verify the requests a RankPool writes into FOLDER (scaffold.rank_pool)")
+    parser.add_argument("--client-pid", type=int, help="with --serve: leave when this process is gone")
     args = parser.parse_args(argv)
-    runner_class = _import_runner(args.runner)
-    reports = {}
-    for name, case in json.loads(args.cases.read_text()).items():
-        reports[name] = verify_port(runner_class, case["checkpoint"], settings_overrides=case["overrides"],
-                                    reference_checkpoint=case.get("reference_checkpoint"))
+    if args.serve:
+        return serve(args.serve, args.client_pid, lambda runner, cases: {
+            name: report.to_json() for name, report in verify_launched_cases(runner, cases).items()})
+    if not (args.runner and args.cases):
+        parser.error("--runner and --cases are required (or --serve FOLDER --client-pid PID)")
+    reports = verify_launched_cases(args.runner, json.loads(args.cases.read_text()))
     if int(os.environ.get("RANK", 0)) == 0:
         for name, report in reports.items():
             print(f"{name}: {report.summary()}")

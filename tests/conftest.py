@@ -23,6 +23,15 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(line)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_launch_for_distributed_verifications():
+    """Every port's TP=2 verification in this session goes to one torchrun launch (scaffold.rank_pool)."""
+    from scaffold.rank_pool import shared_launches
+
+    with shared_launches():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt_oss(tmp_path_factory) -> Path:
     """A tiny random gpt_oss checkpoint (HF's class, seed 0) with its tokenizer; treat as read-only."""

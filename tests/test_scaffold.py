@@ -97,6 +97,12 @@ def test_nosuchmodel_exits_nonzero_with_a_suggestion():
     assert result.returncode == 2 and "did you mean" in result.stderr and result.stderr.count("\n") == 1
 
 
+def test_several_models_from_one_folder_is_one_line(tmp_path):
+    result = run_cli("-m", "scaffold.cli", "llama", "qwen3", "--from", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "holds one model; give one name, not 2" in result.stderr
+
+
 def test_edited_file_is_kept_unless_forced(tmp_path):
     generate("gpt_oss", "transformers", tmp_path)
     runner = tmp_path / "generated_models/gpt_oss/runner_gpt_oss.py"

@@ -109,11 +109,9 @@ def upgraded_repository(tmp_path_factory) -> Path:
     modeling = repository / "generated_models/llama/modeling_llama.py"
     modeling.write_text(modeling.read_text().replace(*USER_EDIT))
     git(repository, "commit", "-q", "-am", "my edit")
-    for port in COMMITTED_PORTS:
-        result = _run(
-            [sys.executable, "-m", "scaffold.cli", port, "--upgrade", "--out", str(repository)], repository, NEWEST
-        )
-        assert result.returncode == 0, f"{port}: {result.stderr}"
+    result = _run([sys.executable, "-m", "scaffold.cli", *COMMITTED_PORTS, "--upgrade", "--out", str(repository)],
+                  repository, NEWEST)
+    assert result.returncode == 0, result.stderr
     return repository
 
 

@@ -1,0 +1,21 @@
+"""The session's shared torchrun launch (scaffold.rank_pool): a failing request reports the ranks' error, and the
+launch after it verifies as a fresh one would."""
+
+import pytest
+
+from scaffold.rank_pool import active_pool
+from scaffold.verify import DistributedCase, build_tiny_checkpoint, verify_port_distributed_cases
+
+RUNNER = "generated_models.llama.runner_llama:LlamaRunner"
+
+
+def test_a_failed_request_raises_the_ranks_error_and_the_next_one_starts_a_fresh_launch(tmp_path):
+    assert active_pool(2) is not None, "tests/conftest.py should share one launch across the session"
+    checkpoint = build_tiny_checkpoint("llama", tmp_path / "llama")
+    missing = tmp_path / "nowhere"
+    with pytest.raises(RuntimeError, match="torchrun verification failed") as failure:
+        verify_port_distributed_cases(RUNNER, {"missing": DistributedCase(missing)})
+    assert str(missing) in str(failure.value).splitlines()[0]
+
+    report = verify_port_distributed_cases(RUNNER, {"whole": DistributedCase(checkpoint)})["whole"]
+    assert report.passed and report.world_size == 2, report.summary()

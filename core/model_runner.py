@@ -257,6 +257,7 @@ class ModelRunner:
         self.scale_dtype_adapter()
         self.to_device()
         self.cast_format()
+        self.backend.place_weights(self.model)
 
     def quantize_weights(self) -> None:
         """`weight_quant`: this rank's float linear weights become int8 / int4 (torch's CPU kernels)."""

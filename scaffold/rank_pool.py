@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-POLL_S = 0.02
+POLL_S = 0.05
 _ACTIVE: dict[int, RankPool] | None = None
 
 

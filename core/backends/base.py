@@ -51,6 +51,9 @@ class DeviceBackend:
         """Switch what `exe_mode`'s graphs cannot hold to what they can, before the first compile; float_matmuls
         and autotune as `compile` will be given them."""
 
+    def place_weights(self, model: torch.nn.Module) -> None:
+        """Put the loaded weights where the device reads them fastest; they stay where they are by default."""
+
     def step_timer(self) -> StepTimer:
         """A timer for one generation step; its `elapsed_ms` is read after `synchronize()` ends the generation."""
         return StepTimer(self.synchronize)

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 from torch._inductor import list_mode_options
 
 from core.backends.base import DeviceBackend, one_graph
+from core.backends.huge_pages import place_on_huge_pages
 from core.backends.repeated_blocks import compile_blocks_once
 from core.decode_attention import CPU_DECODE
 from core.kernels import cpu_kernels
 
+logger = logging.getLogger(__name__)
 
 # Inductor inlines a pointwise body of up to 50 ops on CPU into each consumer. The rotary-embedded query (~20 ops
 # with its cos and sin) is consumed by the attention's dot product with every cached key, so it was recomputed per
@@ -40,6 +43,11 @@ class CpuBackend(DeviceBackend):
     @classmethod
     def is_available(cls) -> bool:
         return True
+
+    def place_weights(self, model: torch.nn.Module) -> None:
+        moved = place_on_huge_pages(model)
+        if moved:
+            logger.info("weights on huge pages: %.0f MB", moved / 1e6)
 
     def device(self, local_rank: int) -> torch.device:
         return torch.device("cpu")

@@ -1,0 +1,64 @@
+"""Weights moved onto transparent huge pages (core.backends.huge_pages): the model computes the same, tied weights
+stay one tensor, each weight keeps a storage of its own, and the memory is advised for huge pages."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from core.backends.huge_pages import HUGE_PAGE, huge_pages_on_request, place_on_huge_pages
+
+
+class TiedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(4096, 256)
+        self.blocks = nn.ModuleList(nn.Linear(256, 256) for _ in range(4))
+        self.head = nn.Linear(256, 4096, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("scale", torch.full((256,), 0.5))
+
+    def forward(self, tokens):
+        hidden = self.embed(tokens)
+        for block in self.blocks:
+            hidden = torch.relu(block(hidden)) * self.scale
+        return self.head(hidden)
+
+
+def _advised_for_huge_pages(address: int) -> bool:
+    """Whether the mapping holding `address` carries the huge-page advice (VmFlags "hg")."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split()[0] and ":" not in line.split()[0]:
+            start, end = (int(bound, 16) for bound in line.split()[0].split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return "hg" in line.split()
+    return False
+
+
+@pytest.mark.skipif(not huge_pages_on_request(), reason="this kernel's huge pages are not in madvise mode")
+def test_moved_weights_compute_the_same_and_stay_tied():
+    torch.manual_seed(0)
+    model = TiedModel().eval()
+    tokens = torch.randint(0, 4096, (2, 5))
+    with torch.inference_mode():
+        before = model(tokens)
+    embedding_parameter = model.embed.weight
+
+    moved = place_on_huge_pages(model)
+
+    assert moved >= HUGE_PAGE
+    assert model.head.weight is model.embed.weight is embedding_parameter
+    storages = {tensor.untyped_storage().data_ptr() for tensor in [*model.parameters(), *model.buffers()]}
+    assert len(storages) == len(list(model.parameters())) + len(list(model.buffers()))
+    assert all(_advised_for_huge_pages(tensor.data_ptr()) for tensor in model.parameters())
+    with torch.inference_mode():
+        assert torch.equal(model(tokens), before)
+
+
+def test_a_model_under_one_huge_page_stays_where_it_is():
+    model = nn.Linear(64, 64)
+    address = model.weight.data_ptr()
+    assert place_on_huge_pages(model) == 0 and model.weight.data_ptr() == address

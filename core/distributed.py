@@ -69,10 +69,22 @@ def all_reduce(tensor: torch.Tensor, group: str) -> torch.Tensor:
     return get_tp_group(group).all_reduce(tensor)
 
 
+# One process group per set of ranks, made once per process: a gloo group keeps connection threads of its own, and a
+# process that builds runner after runner (the test session's shared torchrun launch) piled up hundreds of them.
+_made_groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+
+def _group_of(ranks: list[int]) -> dist.ProcessGroup:
+    if tuple(ranks) not in _made_groups:
+        _made_groups[tuple(ranks)] = dist.new_group(ranks)
+    return _made_groups[tuple(ranks)]
+
+
 def init_parallel_groups(parallel_config: dict[str, int], launch: LaunchEnvironment, backend: str) -> None:
     if launch.world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size)
         atexit.register(dist.destroy_process_group)
+        _made_groups.clear()
     _groups.clear()
     for name in GROUP_NAMES:
         size = parallel_config[f"{name}_size"]
@@ -80,7 +92,7 @@ def init_parallel_groups(parallel_config: dict[str, int], launch: LaunchEnvironm
         for start in range(0, launch.world_size, size):
             ranks = list(range(start, start + size))
             # Every rank must take part in creating every group, its own or not.
-            group = dist.new_group(ranks) if size > 1 else None
+            group = _group_of(ranks) if size > 1 else None
             if launch.rank in ranks:
                 mine = group
         _groups[name] = TensorParallelGroup(name, size, launch.rank % size, mine)

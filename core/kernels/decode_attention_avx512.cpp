@@ -69,14 +69,24 @@ AVX512 void attend(const T* q, const T* k, const T* v, int64_t key_stride, int64
   __m512 query[8];
   const int64_t chunks = head_dim / kLanes;
   for (int64_t c = 0; c < chunks; ++c) query[c] = _mm512_mul_ps(widened(q + c * kLanes), _mm512_set1_ps(scale));
+  // A masked slot (the mask's dtype minimum) ends with weight exactly 0 once any slot is not masked, so its key is
+  // not read; a row with every slot masked is scored in full, as the model's own attention scores it.
+  const float masked = static_cast<float>(std::numeric_limits<T>::lowest());
   float maximum = -std::numeric_limits<float>::infinity();
-  for (int64_t s = 0; s < slots; ++s) {
-    const T* key = k + s * key_stride;
-    __m512 dot = _mm512_mul_ps(query[0], widened(key));
-    for (int64_t c = 1; c < chunks; ++c) dot = _mm512_fmadd_ps(query[c], widened(key + c * kLanes), dot);
-    const float score = _mm512_reduce_add_ps(dot) + static_cast<float>(mask[s]);
-    scores[s] = score;
-    maximum = std::max(maximum, score);
+  for (int pass = 0; pass < 2 && maximum == -std::numeric_limits<float>::infinity(); ++pass) {
+    for (int64_t s = 0; s < slots; ++s) {
+      const float bias = static_cast<float>(mask[s]);
+      if (pass == 0 && bias == masked) {
+        scores[s] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const T* key = k + s * key_stride;
+      __m512 dot = _mm512_mul_ps(query[0], widened(key));
+      for (int64_t c = 1; c < chunks; ++c) dot = _mm512_fmadd_ps(query[c], widened(key + c * kLanes), dot);
+      const float score = _mm512_reduce_add_ps(dot) + bias;
+      scores[s] = score;
+      maximum = std::max(maximum, score);
+    }
   }
   for (int64_t s = slots; s < padded; ++s) scores[s] = -std::numeric_limits<float>::infinity();
   __m512 total = _mm512_setzero_ps();

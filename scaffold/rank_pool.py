@@ -65,10 +65,10 @@ class RankPool:
         deadline = time.monotonic() + timeout_s
         while not reply.exists():
             if self._process.poll() is not None:
+                log = self._log.read_text()
                 errors = [path.read_text() for path in sorted(self._folder.glob(f"failed-{number}-rank*.txt"))]
                 raise RuntimeError(f"torchrun verification failed (exit {self._process.returncode}): "
-                                   f"{errors[0] if errors else rank_failure(self._log.read_text())}\n"
-                                   f"{self._log.read_text()[-4000:]}")
+                                   f"{errors[0] if errors else rank_failure(log)}\n{log[-4000:]}")
             if time.monotonic() > deadline:
                 self._stop()
                 raise RuntimeError(f"torchrun verification gave no report within {timeout_s:.0f} s:\n"
@@ -104,7 +104,9 @@ def active_pool(world_size: int) -> RankPool | None:
     """The pool verifications at `world_size` go to, inside `shared_launches()`; None outside it."""
     if _ACTIVE is None:
         return None
-    return _ACTIVE.setdefault(world_size, RankPool(world_size))
+    if world_size not in _ACTIVE:
+        _ACTIVE[world_size] = RankPool(world_size)
+    return _ACTIVE[world_size]
 
 
 @contextlib.contextmanager

@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-pid", type=int, help="with --serve: leave when this process is gone")
     args = parser.parse_args(argv)
     if args.serve:
+        if args.client_pid is None:
+            parser.error("--serve FOLDER needs --client-pid PID (the process the ranks serve)")
         return serve(args.serve, args.client_pid, lambda runner, cases: {
             name: report.to_json() for name, report in verify_launched_cases(runner, cases).items()})
     if not (args.runner and args.cases):

@@ -40,30 +40,24 @@ def _movable(tensor: torch.Tensor) -> bool:
             and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
 
 
-def _slots(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
-    offsets, end = [], 0
-    for tensor in tensors:
-        offsets.append(end)
-        end = -(-(end + tensor.numel() * tensor.element_size()) // ALIGNMENT) * ALIGNMENT
-    return offsets, end
-
-
 def place_on_huge_pages(model: nn.Module) -> int:
-    """Move the model's parameters and buffers into one huge-page block; returns the bytes moved (0: none)."""
+    """Move the model's parameters and buffers into one huge-page mapping; returns the bytes moved (0: none)."""
     if not huge_pages_on_request():
         return 0
-    owners: dict[int, list[tuple[nn.Module, str, bool]]] = {}
-    tensors: list[torch.Tensor] = []
+    # Each tensor by its places (a tied weight has two), and its slot; no reference to the tensor is kept here, so
+    # that each old copy is freed as soon as it has moved.
+    places: dict[int, list[tuple[dict, str, bool]]] = {}
+    offsets: dict[int, int] = {}
+    total = 0
     for module in model.modules():
         for is_parameter, table in ((True, module._parameters), (False, module._buffers)):
             for name, tensor in table.items():
                 if tensor is None or tensor.numel() == 0 or not _movable(tensor):
                     continue
-                if id(tensor) not in owners:
-                    owners[id(tensor)] = []
-                    tensors.append(tensor)
-                owners[id(tensor)].append((module, name, is_parameter))
-    offsets, total = _slots(tensors)
+                if id(tensor) not in places:
+                    places[id(tensor)], offsets[id(tensor)] = [], total
+                    total = -(-(total + tensor.numel() * tensor.element_size()) // ALIGNMENT) * ALIGNMENT
+                places[id(tensor)].append((table, name, is_parameter))
     if total < HUGE_PAGE:
         return 0
     # Private: a shared anonymous mapping is shmem, which huge pages do not back by default.
@@ -74,13 +68,15 @@ def place_on_huge_pages(model: nn.Module) -> int:
         logger.info("huge pages refused (%s): weights stay where they are", error)
         return 0
     start = -torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
-    for tensor, offset in zip(tensors, offsets):
-        moved = torch.frombuffer(mapping, dtype=tensor.dtype, count=tensor.numel(), offset=start + offset)
-        moved = moved.view(tensor.shape)
-        moved.copy_(tensor)
-        for module, name, is_parameter in owners[id(tensor)]:
+    for key, tensor_places in places.items():
+        table, name, _ = tensor_places[0]
+        tensor = table[name]
+        moved = torch.frombuffer(mapping, dtype=tensor.dtype, count=tensor.numel(), offset=start + offsets[key])
+        moved = moved.view(tensor.shape).copy_(tensor)
+        for table, name, is_parameter in tensor_places:
             if is_parameter:
-                module._parameters[name].data = moved
+                table[name].data = moved
             else:
-                module._buffers[name] = moved
+                table[name] = moved
+        del tensor
     return total

@@ -22,12 +22,13 @@ def reference(query, key, value, mask, scale):
     return (scores.softmax(dim=-1) @ values).transpose(1, 2)
 
 
-def attention_inputs(dtype, batch, heads, kv_heads, slots, head_dim, mask_heads=1, seed=0):
+def attention_inputs(dtype, batch, heads, kv_heads, slots, head_dim, mask_heads=1, seed=0,
+                     value_dim=None):
     generator = torch.Generator().manual_seed(seed)
     query = torch.randn(batch, heads, 1, head_dim, generator=generator).to(dtype)
     # keys as a view into a larger cache (one more row), as a serving batch's rows are
     key = torch.randn(batch + 1, kv_heads, slots, head_dim, generator=generator).to(dtype)[1:]
-    value = torch.randn(batch, kv_heads, slots, head_dim, generator=generator).to(dtype)
+    value = torch.randn(batch, kv_heads, slots, value_dim or head_dim, generator=generator).to(dtype)
     visible = torch.rand(batch, mask_heads, 1, slots + 3, generator=generator) > 0.3
     visible[0] = False  # a padding row: every slot masked, as HF's masks leave it
     mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
@@ -35,13 +36,15 @@ def attention_inputs(dtype, batch, heads, kv_heads, slots, head_dim, mask_heads=
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
-@pytest.mark.parametrize("batch,heads,kv_heads,slots,head_dim,mask_heads",
-                         [(1, 9, 3, 64, 64, 1), (8, 9, 3, 70, 64, 1), (2, 4, 4, 5, 128, 4), (3, 8, 2, 33, 32, 1)])
+@pytest.mark.parametrize("batch,heads,kv_heads,slots,head_dim,mask_heads,value_dim",
+                         [(1, 9, 3, 64, 64, 1, 64), (8, 9, 3, 70, 64, 1, 64), (2, 4, 4, 5, 128, 4, 128),
+                          (3, 8, 2, 33, 32, 1, 32), (2, 12, 2, 40, 48, 12, 48), (2, 6, 3, 21, 64, 1, 32)])
 def test_decode_attention_matches_softmax_attention(dtype, tolerance, batch, heads, kv_heads, slots, head_dim,
-                                                    mask_heads):
-    query, key, value, mask = attention_inputs(dtype, batch, heads, kv_heads, slots, head_dim, mask_heads)
+                                                    mask_heads, value_dim):
+    query, key, value, mask = attention_inputs(dtype, batch, heads, kv_heads, slots, head_dim, mask_heads,
+                                               value_dim=value_dim)
     output, weights = cpu_decode_attention(torch.nn.Module(), query, key, value, mask, scaling=head_dim**-0.5)
-    assert weights is None and output.shape == (batch, 1, heads, head_dim) and output.dtype == dtype
+    assert weights is None and output.shape == (batch, 1, heads, value_dim) and output.dtype == dtype
     expected = reference(query, key, value, mask, head_dim**-0.5)
     assert (output.double() - expected).abs().max().item() < tolerance
 

@@ -66,10 +66,9 @@ def test_kernel_rejects_activations_that_are_not_bfloat16():
     weight = IntGroups(nn.Parameter(torch.empty(16, 32)), 32)
     weight.set_groups(codes, scales, mins)
     with pytest.raises(RuntimeError, match="bfloat16"):
-        torch.ops.recipes_scaffold.int4_groups_mm(torch.randn(1, 32), weight.codes, weight.scales, weight.mins)
+        torch.ops.recipes_scaffold.int4_groups_mm(torch.randn(1, 32), weight.blocks)
     with pytest.raises(RuntimeError, match="inputs"):
-        torch.ops.recipes_scaffold.int4_groups_mm(torch.randn(1, 64).bfloat16(), weight.codes, weight.scales,
-                                                  weight.mins)
+        torch.ops.recipes_scaffold.int4_groups_mm(torch.randn(1, 64).bfloat16(), weight.blocks)
 
 
 def test_a_failed_kernel_build_names_its_log_and_leaves_no_library(tmp_path, monkeypatch):

@@ -96,13 +96,11 @@ def load_cpu_kernels() -> str | None:
     except (RuntimeError, OSError) as error:
         return str(error)
 
-    @torch.library.register_fake("recipes_scaffold::int4_groups_mm")
-    def _(x, codes, scales, mins):
-        return x.new_empty((x.shape[0], codes.shape[0] * ROWS), dtype=torch.float32)
+    def int_groups_output(x, weight):
+        return x.new_empty((x.shape[0], weight.shape[0] // (x.shape[1] // GROUP) * ROWS), dtype=torch.float32)
 
-    @torch.library.register_fake("recipes_scaffold::int8_groups_mm")
-    def _(x, codes, scales):
-        return x.new_empty((x.shape[0], codes.shape[0] * ROWS), dtype=torch.float32)
+    torch.library.register_fake("recipes_scaffold::int4_groups_mm")(int_groups_output)
+    torch.library.register_fake("recipes_scaffold::int8_groups_mm")(int_groups_output)
 
     @torch.library.register_fake("recipes_scaffold::decode_attention")
     def _(q, k, v, mask, scale):

@@ -1,5 +1,8 @@
 // One new query per row attending to a static cache, on CPUs with AVX-512: softmax(q kᵀ · scale + mask) v per
-// query head, the keys and values of its KV head shared by the heads of its group (no copies per head).
+// query head, the keys and values of its KV head shared by the heads of its group (no copies per head). The heads of
+// a group are computed together: each key and value is widened to float32 once for all of them, and each head's
+// scores of 16 slots are summed across lanes in one shuffle network rather than one reduction per slot (SmolLM2's
+// layer at batch 8, 9 heads on 3 KV heads: ~2x faster than a head at a time).
 //
 // Everything is computed in float32 (bfloat16 inputs are widened exactly) and rounded to the inputs' dtype once, at
 // the output. The mask is additive, as transformers builds it: a masked slot holds the dtype's minimum, and after
@@ -21,6 +24,8 @@
 namespace {
 
 constexpr int64_t kLanes = 16;
+constexpr int64_t kMaxChunks = 8;    // head dims up to 128
+constexpr int64_t kValueHeads = 4;   // heads whose weighted value sums are accumulated together
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
@@ -109,6 +114,166 @@ AVX512 void attend(const T* q, const T* k, const T* v, int64_t key_stride, int64
   for (int64_t c = 0; c < value_chunks; ++c) narrowed(out + c * kLanes, _mm512_mul_ps(acc[c], inverse));
 }
 
+// Lane i of the result is the sum of the 16 lanes of `v[i]`: pairs, then quads within 128-bit lanes, then across them.
+AVX512 inline __m512 lane_sums(const __m512 (&v)[kLanes]) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    quads[i] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Up to 16 consecutive values from `p` widened to float32 (`count` of them; the other lanes 0).
+AVX512 inline __m512 widened_part(const float* p, __mmask16 lanes) { return _mm512_maskz_loadu_ps(lanes, p); }
+
+AVX512 inline __m512 widened_part(const c10::BFloat16* p, __mmask16 lanes) {
+  const __m256i halves = _mm256_maskz_loadu_epi16(lanes, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
+
+// Scratch of one thread for `attend_group`.
+struct GroupScratch {
+  std::vector<float> keys, scores, one_head, maximum, total;
+  GroupScratch(int64_t heads, int64_t head_dim, int64_t padded)
+      : keys(kLanes * head_dim), scores(heads * padded), one_head(padded), maximum(heads), total(heads) {}
+};
+
+// Softmax weights (`scratch.scores`, unnormalized) times values for `Heads` heads of a group, divided by their totals;
+// slots every one of these heads weighs 0 (masked) are not read.
+template <typename T, int Chunks, int Heads>
+AVX512 void weighted_values(const int64_t* heads, const T* v, int64_t value_stride, int64_t slots, int64_t padded,
+                            const GroupScratch& scratch, T* out) {
+  constexpr int64_t value_dim = Chunks * kLanes;
+  __m512 acc[Heads][Chunks];
+  for (int j = 0; j < Heads; ++j)
+    for (int c = 0; c < Chunks; ++c) acc[j][c] = _mm512_setzero_ps();
+  const float* weights[Heads];
+  for (int j = 0; j < Heads; ++j) weights[j] = scratch.scores.data() + heads[j] * padded;
+  for (int64_t first = 0; first < slots; first += kLanes) {
+    __mmask16 weighed = 0;
+    for (int j = 0; j < Heads; ++j)
+      weighed |= _mm512_cmp_ps_mask(_mm512_loadu_ps(weights[j] + first), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    for (; weighed != 0; weighed &= weighed - 1) {
+      const int64_t s = first + __builtin_ctz(weighed);
+      const T* value = v + s * value_stride;
+      for (int c = 0; c < Chunks; ++c) {
+        const __m512 widened_value = widened(value + c * kLanes);
+        for (int j = 0; j < Heads; ++j)
+          acc[j][c] = _mm512_fmadd_ps(_mm512_set1_ps(weights[j][s]), widened_value, acc[j][c]);
+      }
+    }
+  }
+  for (int j = 0; j < Heads; ++j) {
+    const __m512 inverse = _mm512_set1_ps(1.0f / scratch.total[heads[j]]);
+    for (int c = 0; c < Chunks; ++c)
+      narrowed(out + heads[j] * value_dim + c * kLanes, _mm512_mul_ps(acc[j][c], inverse));
+  }
+}
+
+// The `heads` query heads of one KV head (rows `q`, masks `mask` + h · `mask_head_stride`), `Chunks` · 16 dims. A
+// head whose every slot is masked goes to `attend`, which scores it in full.
+template <typename T, int Chunks>
+AVX512 void attend_group(const T* q, int64_t heads, const T* k, const T* v, int64_t key_stride, int64_t value_stride,
+                         const T* mask, int64_t mask_head_stride, int64_t slots, float scale, int64_t padded,
+                         GroupScratch& scratch, T* out) {
+  constexpr int64_t head_dim = Chunks * kLanes, value_dim = head_dim;
+  const __m512 masked = _mm512_set1_ps(static_cast<float>(std::numeric_limits<T>::lowest()));
+  const float minus_infinity = -std::numeric_limits<float>::infinity();
+  float* keys = scratch.keys.data();
+  float* maximum = scratch.maximum.data();
+  float* total = scratch.total.data();
+  std::fill(maximum, maximum + heads, minus_infinity);
+  for (int64_t first = 0; first < slots; first += kLanes) {
+    const int64_t count = std::min(kLanes, slots - first);
+    const __mmask16 lanes = count == kLanes ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
+    // A slot masked for every head of the group is not read (its keys left 0).
+    __mmask16 read = 0;
+    for (int64_t h = 0; h < heads; ++h)
+      read |= _mm512_mask_cmp_ps_mask(lanes, widened_part(mask + h * mask_head_stride + first, lanes), masked,
+                                      _CMP_NEQ_UQ);
+    if (read == 0) {
+      for (int64_t h = 0; h < heads; ++h)
+        _mm512_mask_storeu_ps(scratch.scores.data() + h * padded + first, lanes, _mm512_set1_ps(minus_infinity));
+      continue;
+    }
+    for (int64_t i = 0; i < kLanes; ++i)
+      for (int64_t c = 0; c < Chunks; ++c)
+        _mm512_storeu_ps(keys + i * head_dim + c * kLanes,
+                         (read >> i) & 1 ? widened(k + (first + i) * key_stride + c * kLanes) : _mm512_setzero_ps());
+    for (int64_t h = 0; h < heads; ++h) {
+      __m512 query[Chunks];
+      for (int c = 0; c < Chunks; ++c)
+        query[c] = _mm512_mul_ps(widened(q + h * head_dim + c * kLanes), _mm512_set1_ps(scale));
+      __m512 dots[kLanes];
+#pragma GCC unroll 16
+      for (int i = 0; i < kLanes; ++i) {
+        dots[i] = _mm512_mul_ps(query[0], _mm512_loadu_ps(keys + i * head_dim));
+        for (int c = 1; c < Chunks; ++c)
+          dots[i] = _mm512_fmadd_ps(query[c], _mm512_loadu_ps(keys + i * head_dim + c * kLanes), dots[i]);
+      }
+      const __m512 bias = widened_part(mask + h * mask_head_stride + first, lanes);
+      const __mmask16 unmasked = _mm512_mask_cmp_ps_mask(lanes, bias, masked, _CMP_NEQ_UQ);
+      const __m512 scores = _mm512_mask_add_ps(_mm512_set1_ps(minus_infinity), unmasked, lane_sums(dots), bias);
+      _mm512_mask_storeu_ps(scratch.scores.data() + h * padded + first, lanes, scores);
+      maximum[h] = std::max(maximum[h], _mm512_reduce_max_ps(scores));
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    if (maximum[h] == minus_infinity) {
+      attend<T>(q + h * head_dim, k, v, key_stride, value_stride, mask + h * mask_head_stride, slots, head_dim,
+                value_dim, scale, scratch.one_head.data(), padded, out + h * value_dim);
+      continue;
+    }
+    float* scores = scratch.scores.data() + h * padded;
+    for (int64_t s = slots; s < padded; ++s) scores[s] = minus_infinity;
+    __m512 sum = _mm512_setzero_ps();
+    const __m512 shift = _mm512_set1_ps(maximum[h]);
+    for (int64_t s = 0; s < padded; s += kLanes) {
+      const __m512 weight = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + s), shift));
+      _mm512_storeu_ps(scores + s, weight);
+      sum = _mm512_add_ps(sum, weight);
+    }
+    total[h] = _mm512_reduce_add_ps(sum);
+  }
+  for (int64_t first = 0; first < heads; first += kValueHeads) {
+    int64_t together[kValueHeads], count = 0;
+    for (int64_t h = first; h < std::min(heads, first + kValueHeads); ++h)
+      if (maximum[h] != minus_infinity) together[count++] = h;
+    switch (count) {
+      case 0: break;
+      case 1: weighted_values<T, Chunks, 1>(together, v, value_stride, slots, padded, scratch, out); break;
+      case 2: weighted_values<T, Chunks, 2>(together, v, value_stride, slots, padded, scratch, out); break;
+      case 3: weighted_values<T, Chunks, 3>(together, v, value_stride, slots, padded, scratch, out); break;
+      default: weighted_values<T, Chunks, 4>(together, v, value_stride, slots, padded, scratch, out); break;
+    }
+  }
+}
+
+template <typename T>
+using GroupAttention = void (*)(const T*, int64_t, const T*, const T*, int64_t, int64_t, const T*, int64_t, int64_t,
+                                float, int64_t, GroupScratch&, T*);
+
+template <typename T>
+GroupAttention<T> group_attention_for(int64_t head_dim) {
+  switch (head_dim / kLanes) {
+    case 1: return attend_group<T, 1>;
+    case 2: return attend_group<T, 2>;
+    case 3: return attend_group<T, 3>;
+    case 4: return attend_group<T, 4>;
+    case 5: return attend_group<T, 5>;
+    case 6: return attend_group<T, 6>;
+    case 7: return attend_group<T, 7>;
+    default: return attend_group<T, 8>;
+  }
+}
+
 bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
 
 template <typename T>
@@ -123,16 +288,29 @@ void decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
   const T* mask_data = mask.data_ptr<T>();
   T* out_data = out.data_ptr<T>();
   const bool mask_per_head = mask.size(1) != 1;
-  // One task per query head: a batch-1 step has only a few KV heads for two or more threads; a group's keys and
-  // values are read again by each of its heads from cache.
-  at::parallel_for(0, batch * heads, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> scores(padded);
+  const int64_t kv_heads = k.size(1);
+  // One task per KV head of a row: its group of query heads shares each key and value read. Values of another
+  // width than the keys go a head at a time.
+  const GroupAttention<T> attend_heads = group_attention_for<T>(head_dim);
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
+    GroupScratch scratch(group, head_dim, padded);
     for (int64_t task = first; task < last; ++task) {
-      const int64_t b = task / heads, h = task % heads, kv = h / group;
-      const T* row_mask = mask_data + b * mask.stride(0) + (mask_per_head ? h * mask.stride(1) : 0);
-      attend<T>(q_data + task * head_dim, k_data + b * k.stride(0) + kv * k.stride(1),
-                v_data + b * v.stride(0) + kv * v.stride(1), k.stride(2), v.stride(2), row_mask, slots, head_dim,
-                value_dim, static_cast<float>(scale), scores.data(), padded, out_data + task * value_dim);
+      const int64_t b = task / kv_heads, kv = task % kv_heads, h = kv * group;
+      const T* group_q = q_data + (b * heads + h) * head_dim;
+      const T* group_k = k_data + b * k.stride(0) + kv * k.stride(1);
+      const T* group_v = v_data + b * v.stride(0) + kv * v.stride(1);
+      const T* group_mask = mask_data + b * mask.stride(0) + (mask_per_head ? h * mask.stride(1) : 0);
+      const int64_t mask_head_stride = mask_per_head ? mask.stride(1) : 0;
+      T* group_out = out_data + (b * heads + h) * value_dim;
+      if (value_dim == head_dim) {
+        attend_heads(group_q, group, group_k, group_v, k.stride(2), v.stride(2), group_mask, mask_head_stride, slots,
+                     static_cast<float>(scale), padded, scratch, group_out);
+        continue;
+      }
+      for (int64_t i = 0; i < group; ++i)
+        attend<T>(group_q + i * head_dim, group_k, group_v, k.stride(2), v.stride(2),
+                  group_mask + i * mask_head_stride, slots, head_dim, value_dim, static_cast<float>(scale),
+                  scratch.one_head.data(), padded, group_out + i * value_dim);
     }
   });
 }

@@ -20,7 +20,7 @@ from torch import nn
 
 from core.errors import SettingsError
 from core.kernels import GROUP, cpu_kernels
-from core.kernels.layout import block_scales, eight_bit_layout, four_bit_layout
+from core.kernels.layout import eight_bit_layout, four_bit_layout
 from core.layers.linear import RowParallelLinear, SegmentedColumnLinear
 from core.quantization.base import PackedWeight
 from core.settings import WEIGHT_QUANT, WEIGHT_QUANT_GROUP_SIZES
@@ -88,11 +88,8 @@ class IntGroups(LowBitWeight):
             per_block = self.group // GROUP
             scales, mins = (None if part is None else part.repeat_interleave(per_block, dim=-1)
                             for part in (scales, mins))
-            layout = four_bit_layout(codes) if mins is not None else eight_bit_layout(codes)
-            self.register_buffer("codes", layout, persistent=False)
-            self.register_buffer("scales", block_scales(scales), persistent=False)
-            if mins is not None:
-                self.register_buffer("mins", block_scales(mins), persistent=False)
+            layout = four_bit_layout(codes, scales, mins) if mins is not None else eight_bit_layout(codes, scales)
+            self.register_buffer("blocks", layout, persistent=False)
             return
         terms = torch_int4_terms(codes, scales, mins)
         for index, (term_codes, term_scales, zeros) in enumerate(terms):
@@ -105,8 +102,8 @@ class IntGroups(LowBitWeight):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == AVX512_KERNEL:
             if self.bits == 4:
-                return torch.ops.recipes_scaffold.int4_groups_mm(x, self.codes, self.scales, self.mins)
-            return torch.ops.recipes_scaffold.int8_groups_mm(x, self.codes, self.scales)
+                return torch.ops.recipes_scaffold.int4_groups_mm(x, self.blocks)
+            return torch.ops.recipes_scaffold.int8_groups_mm(x, self.blocks)
         output = None
         for index in range(self.terms):
             term = torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -15,6 +15,10 @@ over rounds. The machine's memory read bandwidth is measured at the start of eve
 it moves (30 to 53 GB/s within one hour on a 2-core AMD EPYC VM): a round's decode roofline is its bandwidth over
 the bytes of weights one decode step reads (every parameter once; an untied input embedding only gathers rows, so
 it is left out), and each decode figure is also given as the median over rounds of its fraction of that roofline.
+
+With batch 1 and a larger batch both asked for, the low-bit ports' batch scaling (larger batch's tokens/s over batch
+1's) is measured once more in paired rounds, each port's two batch sizes back to back: the tables above measure one
+batch size after the other, minutes apart, and a host's drift between them moves their ratio by 10-20%.
 """
 
 from __future__ import annotations
@@ -209,6 +213,40 @@ def measure(dtype: str, batch_size: int, new_tokens: int, repeats: int) -> list[
     return rows
 
 
+LOW_BIT_PORTS = ("port GGUF Q4_1 kept", "port int4 (weight_quant)", "port int8 (weight_quant)")
+
+
+def measure_batch_scaling(batch_size: int, new_tokens: int, repeats: int) -> list[dict]:
+    """Each low-bit port at batch 1 and `batch_size`, run back to back in every round; the median per-round ratio
+    of their tokens/s."""
+    built = {}
+    for batch in (1, batch_size):
+        ports = contenders("bfloat16", batch, new_tokens)
+        for name in LOW_BIT_PORTS:
+            built[name, batch] = ports[name]()
+            built[name, batch].run(PROMPTS[:batch])
+    steps = {key: [] for key in built}
+    for _ in range(repeats):
+        for name in LOW_BIT_PORTS:
+            for batch in (1, batch_size):
+                steps[name, batch].append(built[name, batch].run(PROMPTS[:batch])["decode_ms"])
+    del built
+    return [{
+        "contender": name, "batch": batch_size,
+        "batch_1_tokens_per_s": round(1000 / statistics.median(steps[name, 1]), 1),
+        "batch_tokens_per_s": round(batch_size * 1000 / statistics.median(steps[name, batch_size]), 1),
+        "scaling": round(statistics.median(
+            batch_size * one / many for one, many in zip(steps[name, 1], steps[name, batch_size])), 2),
+    } for name in LOW_BIT_PORTS]
+
+
+def print_scaling(rows: list[dict]) -> None:
+    print(f"batch scaling of the low-bit ports, bfloat16, paired rounds (batch {rows[0]['batch']} tok/s over batch 1)")
+    for row in rows:
+        print(f"  {row['contender']:<26} batch 1 {row['batch_1_tokens_per_s']:>7.1f} tok/s, batch {row['batch']} "
+              f"{row['batch_tokens_per_s']:>7.1f} tok/s: {row['scaling']:.2f}x")
+
+
 def print_table(rows: list[dict]) -> None:
     bandwidths = [row["read_bandwidth_gb_s"] for row in rows]
     print(f"SmolLM2-135M-Instruct, {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
@@ -241,10 +279,15 @@ def main() -> int:
             print(llama_cpp_missing())
     rows = [row for dtype in args.dtypes for batch in args.batches
             for row in measure(dtype, batch, args.new_tokens, args.repeats)]
+    scaling = []
+    if "bfloat16" in args.dtypes and 1 in args.batches and max(args.batches) > 1:
+        scaling = measure_batch_scaling(max(args.batches), args.new_tokens, args.repeats)
     print_table(rows)
+    if scaling:
+        print_scaling(scaling)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"cpu": cpu_model(),
-                                     "int_groups_kernel": int_groups_kernel_for(32), "rows": rows}, indent=2) + "\n")
+    args.json.write_text(json.dumps({"cpu": cpu_model(), "int_groups_kernel": int_groups_kernel_for(32),
+                                     "rows": rows, "batch_scaling": scaling}, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0
 

@@ -2,7 +2,7 @@
 // query head, the keys and values of its KV head shared by the heads of its group (no copies per head). The heads of
 // a group are computed together: each key and value is widened to float32 once for all of them, and each head's
 // scores of 16 slots are summed across lanes in one shuffle network rather than one reduction per slot (SmolLM2's
-// layer at batch 8, 9 heads on 3 KV heads: ~2x faster than a head at a time).
+// layer at batch 8, 9 heads on 3 KV heads, 64 slots filled: 27.2 -> 20.5 us a call against a head at a time).
 //
 // Everything is computed in float32 (bfloat16 inputs are widened exactly) and rounded to the inputs' dtype once, at
 // the output. The mask is additive, as transformers builds it: a masked slot holds the dtype's minimum, and after
@@ -71,7 +71,7 @@ template <typename T>
 AVX512 void attend(const T* q, const T* k, const T* v, int64_t key_stride, int64_t value_stride, const T* mask,
                    int64_t slots, int64_t head_dim, int64_t value_dim, float scale, float* scores, int64_t padded,
                    T* out) {
-  __m512 query[8];
+  __m512 query[kMaxChunks];
   const int64_t chunks = head_dim / kLanes;
   for (int64_t c = 0; c < chunks; ++c) query[c] = _mm512_mul_ps(widened(q + c * kLanes), _mm512_set1_ps(scale));
   // A masked slot (the mask's dtype minimum) ends with weight exactly 0 once any slot is not masked, so its key is
@@ -102,7 +102,7 @@ AVX512 void attend(const T* q, const T* k, const T* v, int64_t key_stride, int64
     total = _mm512_add_ps(total, weight);
   }
   const int64_t value_chunks = value_dim / kLanes;
-  __m512 acc[8];
+  __m512 acc[kMaxChunks];
   for (int64_t c = 0; c < value_chunks; ++c) acc[c] = _mm512_setzero_ps();
   for (int64_t s = 0; s < slots; ++s) {
     if (scores[s] == 0.0f) continue;  // masked slots: most of a static cache early in a generation
@@ -140,9 +140,10 @@ AVX512 inline __m512 widened_part(const c10::BFloat16* p, __mmask16 lanes) {
 
 // Scratch of one thread for `attend_group`.
 struct GroupScratch {
-  std::vector<float> keys, scores, one_head, maximum, total;
+  std::vector<float> query, keys, scores, one_head, maximum, total;
   GroupScratch(int64_t heads, int64_t head_dim, int64_t padded)
-      : keys(kLanes * head_dim), scores(heads * padded), one_head(padded), maximum(heads), total(heads) {}
+      : query(heads * head_dim), keys(kLanes * head_dim), scores(heads * padded), one_head(padded), maximum(heads),
+        total(heads) {}
 };
 
 // Softmax weights (`scratch.scores`, unnormalized) times values for `Heads` heads of a group, divided by their totals;
@@ -186,10 +187,13 @@ AVX512 void attend_group(const T* q, int64_t heads, const T* k, const T* v, int6
   constexpr int64_t head_dim = Chunks * kLanes, value_dim = head_dim;
   const __m512 masked = _mm512_set1_ps(static_cast<float>(std::numeric_limits<T>::lowest()));
   const float minus_infinity = -std::numeric_limits<float>::infinity();
+  float* query = scratch.query.data();
   float* keys = scratch.keys.data();
   float* maximum = scratch.maximum.data();
   float* total = scratch.total.data();
   std::fill(maximum, maximum + heads, minus_infinity);
+  for (int64_t i = 0; i < heads * Chunks; ++i)
+    _mm512_storeu_ps(query + i * kLanes, _mm512_mul_ps(widened(q + i * kLanes), _mm512_set1_ps(scale)));
   for (int64_t first = 0; first < slots; first += kLanes) {
     const int64_t count = std::min(kLanes, slots - first);
     const __mmask16 lanes = count == kLanes ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1);
@@ -208,15 +212,14 @@ AVX512 void attend_group(const T* q, int64_t heads, const T* k, const T* v, int6
         _mm512_storeu_ps(keys + i * head_dim + c * kLanes,
                          (read >> i) & 1 ? widened(k + (first + i) * key_stride + c * kLanes) : _mm512_setzero_ps());
     for (int64_t h = 0; h < heads; ++h) {
-      __m512 query[Chunks];
-      for (int c = 0; c < Chunks; ++c)
-        query[c] = _mm512_mul_ps(widened(q + h * head_dim + c * kLanes), _mm512_set1_ps(scale));
+      __m512 head_query[Chunks];
+      for (int c = 0; c < Chunks; ++c) head_query[c] = _mm512_loadu_ps(query + h * head_dim + c * kLanes);
       __m512 dots[kLanes];
 #pragma GCC unroll 16
       for (int i = 0; i < kLanes; ++i) {
-        dots[i] = _mm512_mul_ps(query[0], _mm512_loadu_ps(keys + i * head_dim));
+        dots[i] = _mm512_mul_ps(head_query[0], _mm512_loadu_ps(keys + i * head_dim));
         for (int c = 1; c < Chunks; ++c)
-          dots[i] = _mm512_fmadd_ps(query[c], _mm512_loadu_ps(keys + i * head_dim + c * kLanes), dots[i]);
+          dots[i] = _mm512_fmadd_ps(head_query[c], _mm512_loadu_ps(keys + i * head_dim + c * kLanes), dots[i]);
       }
       const __m512 bias = widened_part(mask + h * mask_head_stride + first, lanes);
       const __mmask16 unmasked = _mm512_mask_cmp_ps_mask(lanes, bias, masked, _CMP_NEQ_UQ);
@@ -292,6 +295,7 @@ void decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
   // One task per KV head of a row: its group of query heads shares each key and value read. Values of another
   // width than the keys go a head at a time.
   const GroupAttention<T> attend_heads = group_attention_for<T>(head_dim);
+  const int64_t mask_head_stride = mask_per_head ? mask.stride(1) : 0;
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
     GroupScratch scratch(group, head_dim, padded);
     for (int64_t task = first; task < last; ++task) {
@@ -299,8 +303,7 @@ void decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
       const T* group_q = q_data + (b * heads + h) * head_dim;
       const T* group_k = k_data + b * k.stride(0) + kv * k.stride(1);
       const T* group_v = v_data + b * v.stride(0) + kv * v.stride(1);
-      const T* group_mask = mask_data + b * mask.stride(0) + (mask_per_head ? h * mask.stride(1) : 0);
-      const int64_t mask_head_stride = mask_per_head ? mask.stride(1) : 0;
+      const T* group_mask = mask_data + b * mask.stride(0) + h * mask_head_stride;
       T* group_out = out_data + (b * heads + h) * value_dim;
       if (value_dim == head_dim) {
         attend_heads(group_q, group, group_k, group_v, k.stride(2), v.stride(2), group_mask, mask_head_stride, slots,

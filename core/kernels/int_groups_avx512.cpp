@@ -30,6 +30,8 @@ constexpr int64_t kBlock = 32;  // inputs per scale
 constexpr int kMaxTile = 8;     // activation rows a pass over the weights serves
 constexpr int64_t kPairedGroups = 2;  // groups whose blocks alternate in the layout
 constexpr int64_t kScaleBytes = kRows * 2;
+constexpr int64_t kFourBitRecord = 256 + 2 * kScaleBytes;  // codes, scales, mins
+constexpr int64_t kEightBitRecord = 512 + kScaleBytes;     // codes, scales
 // How far ahead of its reads a thread asks for its stream: ~3 blocks of a group pair, past what the hardware
 // prefetchers fetch on their own at batch 8.
 constexpr int64_t kPrefetchBytes = 2048;
@@ -93,7 +95,7 @@ AVX512_BF16 inline void stored(const __m512 (&acc)[Groups][Tile], float* y, int6
 template <int Tile, int Groups>
 AVX512_BF16 void four_bit_group(const uint16_t* x, int64_t k, const float* sums, int64_t blocks, const uint8_t* run,
                                 float* y, int64_t n) {
-  constexpr int64_t record = 256 + 2 * kScaleBytes;
+  constexpr int64_t record = kFourBitRecord;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const __m512i exponent = _mm512_set1_epi8(0x43);
   const __m512 offset = _mm512_set1_ps(128.0f);
@@ -135,7 +137,7 @@ AVX512_BF16 void four_bit_group(const uint16_t* x, int64_t k, const float* sums,
 template <int Tile, int Groups>
 AVX512_BF16 void eight_bit_group(const uint16_t* x, int64_t k, const float*, int64_t blocks, const uint8_t* run,
                                  float* y, int64_t n) {
-  constexpr int64_t record = 512 + kScaleBytes;
+  constexpr int64_t record = kEightBitRecord;
   __m512 acc[Groups][Tile] = {};
   for (int64_t b = 0; b < blocks; ++b) {
     prefetch_ahead<Groups>(run, record, b);
@@ -206,8 +208,8 @@ at::Tensor int_groups_mm(const at::Tensor& x, const at::Tensor& weight, int64_t 
               ": activations must be a contiguous 2-d bfloat16 CPU tensor, got ", x.scalar_type(), " ", x.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kByte && weight.is_contiguous() &&
                   weight.size(1) == record,
-              op, ": the weight must be contiguous uint8 [groups x blocks, ", record, "] (core/kernels/layout.py), got ",
-              weight.scalar_type(), " ", weight.sizes());
+              op, ": the weight must be contiguous uint8 [groups x blocks, ", record,
+              "] (core/kernels/layout.py), got ", weight.scalar_type(), " ", weight.sizes());
   const int64_t k = x.size(1), rows = x.size(0), blocks = k / kBlock;
   TORCH_CHECK(k % kBlock == 0 && blocks > 0 && weight.size(0) % blocks == 0, op, ": activations have ", k,
               " inputs, the weight ", weight.size(0), " blocks of ", kBlock, " (not a whole number of rows of ",
@@ -239,11 +241,11 @@ at::Tensor int_groups_mm(const at::Tensor& x, const at::Tensor& weight, int64_t 
 }
 
 at::Tensor int4_groups_mm(const at::Tensor& x, const at::Tensor& weight) {
-  return int_groups_mm<FourBit>(x, weight, 256 + 2 * kScaleBytes, true, "int4_groups_mm");
+  return int_groups_mm<FourBit>(x, weight, kFourBitRecord, true, "int4_groups_mm");
 }
 
 at::Tensor int8_groups_mm(const at::Tensor& x, const at::Tensor& weight) {
-  return int_groups_mm<EightBit>(x, weight, 512 + kScaleBytes, false, "int8_groups_mm");
+  return int_groups_mm<EightBit>(x, weight, kEightBitRecord, false, "int8_groups_mm");
 }
 
 }  // namespace

@@ -19,15 +19,26 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+class BandwidthProbe:
+    """Reads one buffer far larger than the caches (a sum), again at every call: a probe taken between two
+    measurements costs only its reads."""
+
+    def __init__(self, gib: float = 1.0, device: str = "cpu"):
+        self.buffer = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
+        self.synchronize = BACKENDS[device]().synchronize
+
+    def read_gb_s(self, repeats: int = 5) -> float:
+        """Best of `repeats` full reads, in GB/s."""
+        best = float("inf")
+        for _ in range(repeats):
+            self.synchronize()
+            started = time.perf_counter()
+            self.buffer.sum()
+            self.synchronize()
+            best = min(best, time.perf_counter() - started)
+        return self.buffer.numel() * 4 / best / 1e9
+
+
 def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5, device: str = "cpu") -> float:
-    """Best of `repeats` full reads (a sum) of a buffer far larger than the caches, in GB/s."""
-    buffer = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
-    synchronize = BACKENDS[device]().synchronize
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize()
-        started = time.perf_counter()
-        buffer.sum()
-        synchronize()
-        best = min(best, time.perf_counter() - started)
-    return buffer.numel() * 4 / best / 1e9
+    """Best of `repeats` full reads of a fresh buffer of `gib` GiB, in GB/s."""
+    return BandwidthProbe(gib, device).read_gb_s(repeats)

@@ -11,10 +11,11 @@ packed`); (f) `weight_quant: int4` and (g) `int8`, quantized at load from the fl
 the same GGUF file with the same threads (`pip install llama-cpp-python==0.3.36`, built from source; skipped with a
 note when absent). Each warms up once (compiling
 what it compiles), then they run in turn, `--repeats` rounds, so drift hits all alike; a figure is the median
-over rounds. The machine's memory read bandwidth is measured at the start of every round, since on a shared host
-it moves (30 to 53 GB/s within one hour on a 2-core AMD EPYC VM): a round's decode roofline is its bandwidth over
-the bytes of weights one decode step reads (every parameter once; an untied input embedding only gathers rows, so
-it is left out), and each decode figure is also given as the median over rounds of its fraction of that roofline.
+over rounds. The machine's memory read bandwidth is measured between every two contenders' runs, since on a shared
+host it moves (between ~31 and ~55 GB/s within minutes on a 2-core AMD EPYC VM): a run's decode roofline is the mean
+of the bandwidths read just before and just after it, over the bytes of weights one decode step reads (every
+parameter once; an untied input embedding only gathers rows, so it is left out), and each decode figure is also
+given as the median over rounds of its fraction of that roofline.
 
 With batch 1 and a larger batch both asked for, the low-bit ports' batch scaling (larger batch's tokens/s over batch
 1's) is measured once more in paired rounds, each port's two batch sizes back to back: the tables above measure one
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 from gguf import GGUFReader
-from machine import cpu_model, read_bandwidth_gb_s
+from machine import BandwidthProbe, cpu_model
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -181,15 +182,22 @@ def measure(dtype: str, batch_size: int, new_tokens: int, repeats: int) -> list[
         built[name] = build()
         built[name].run(prompts)
         compile_s[name] = time.perf_counter() - started
-    rounds, bandwidths = [], []
+    rounds, probe = [], BandwidthProbe()
+    bandwidth = probe.read_gb_s()
     for _ in range(repeats):
-        bandwidths.append(read_bandwidth_gb_s())
-        rounds.append({name: contender.run(prompts) for name, contender in built.items()})
+        round_ = {}
+        for name, contender in built.items():
+            before = bandwidth
+            round_[name] = contender.run(prompts)
+            bandwidth = probe.read_gb_s()
+            round_[name]["read_bandwidth_gb_s"] = (before + bandwidth) / 2
+        rounds.append(round_)
     float_bytes = weight_bytes_per_step(next(iter(built.values())).model)
     rows = []
     for name, contender in built.items():
         weight_bytes = getattr(contender, "weight_bytes", float_bytes)
         decode_ms = statistics.median(round_[name]["decode_ms"] for round_ in rounds)
+        bandwidths = [round_[name]["read_bandwidth_gb_s"] for round_ in rounds]
         roofline_ms = [weight_bytes / (bandwidth * 1e9) * 1000 for bandwidth in bandwidths]
         rows.append({
             "dtype": dtype, "batch": batch_size, "contender": name,
@@ -250,8 +258,8 @@ def print_scaling(rows: list[dict]) -> None:
 def print_table(rows: list[dict]) -> None:
     bandwidths = [row["read_bandwidth_gb_s"] for row in rows]
     print(f"SmolLM2-135M-Instruct, {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"read bandwidth {min(bandwidths):.1f}-{max(bandwidths):.1f} GB/s (median per dtype and batch, measured "
-          f"each round); integer-group kernel: {int_groups_kernel_for(32)}")
+          f"read bandwidth {min(bandwidths):.1f}-{max(bandwidths):.1f} GB/s (median per row, measured "
+          f"around each run); integer-group kernel: {int_groups_kernel_for(32)}")
     header = (f"{'dtype':<9} {'batch':>5} {'contender':<26} {'prefill ms':>10} {'decode ms':>9} {'tok/s':>7} "
               f"{'vs HF eager':>11} {'vs HF compiled':>14} {'vs llama.cpp':>12} {'roofline':>8} {'warm-up s':>9}")
     print(header)

@@ -19,6 +19,7 @@ import torch
 from transformers import GenerationConfig
 
 from core.errors import SettingsError
+from core.kernels import cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +115,15 @@ ARGMAX_CHUNK = 1024
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first index of its largest logit, as torch.argmax returns it. CUDA reduces one long row in one
     block of threads (~27 us for a 128K vocabulary on an H200, 2% of a 1B model's decode step): there the row is
-    reduced in chunks side by side, then the chunks' maxima."""
-    if logits.device.type != "cuda" or logits.shape[-1] <= 4 * ARGMAX_CHUNK:
-        # The same index either way (bf16 → fp32 is exact); torch's CPU argmax over bf16 is 3x slower.
-        return logits.float().argmax(dim=-1)
-    return chunked_argmax(logits)
+    reduced in chunks side by side, then the chunks' maxima. On CPU our AVX-512 kernel where it is built
+    (core/kernels/row_argmax_avx512.cpp): torch's walks a row one element at a time."""
+    if logits.device.type == "cuda" and logits.shape[-1] > 4 * ARGMAX_CHUNK:
+        return chunked_argmax(logits)
+    # The same index either way (bf16 → fp32 is exact); torch's CPU argmax over bf16 is 3x slower.
+    rows = logits.float().reshape(-1, logits.shape[-1])
+    if logits.device.type == "cpu" and rows.shape[-1] > 0 and cpu_kernels() is None:
+        return torch.ops.recipes_scaffold.row_argmax(rows.contiguous()).reshape(logits.shape[:-1])
+    return rows.argmax(dim=-1).reshape(logits.shape[:-1])
 
 
 def chunked_argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 `cpu_kernels()` builds (a few seconds, the first time) and loads them, or says why this machine cannot: no AVX-512
 BF16, no C++ compiler, a failed build (its log is kept beside the cache). Callers fall back to torch's own kernels
 then. `int_groups_avx512.cpp`: matrix products with integer weights in groups of 32; `decode_attention_avx512.cpp`:
-one query per row attending to a static cache.
+one query per row attending to a static cache; `row_argmax_avx512.cpp`: greedy decoding's argmax over a row of
+logits.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int_groups_avx512.cpp", "decode_attention_avx512.cpp")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("int_groups_avx512.cpp", "decode_attention_avx512.cpp", "row_argmax_avx512.cpp")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c")
 GROUP = 32
 ROWS = 16
@@ -80,8 +82,8 @@ def cpu_kernels() -> str | None:
     """Load the AVX-512 kernels; returns None when loaded, else why they are not available."""
     reason = load_cpu_kernels()
     if reason is not None:
-        logger.warning("integer weight groups and decode attention run on torch's kernels: the AVX-512 kernels are "
-                       "not available (%s)", reason)
+        logger.warning("integer weight groups, decode attention and greedy argmax run on torch's kernels: the "
+                       "AVX-512 kernels are not available (%s)", reason)
     return reason
 
 

@@ -75,8 +75,11 @@ class CpuBackend(DeviceBackend):
         # generic BLAS (bench/). Freezing must be set in inductor's config (torch.compile(options={"freezing":
         # True}) does not reach the freezing pass in torch 2.13), and only around this forward's calls —
         # compilation happens inside them — so that other compiled code keeps its own settings. Frozen graphs
-        # bypass the FX-graph cache: every process lowers the graph again, the kernels' timings come from the
-        # autotuning cache; the autotuning table is not printed. Untuned (low-bit linears by default: their kernels
+        # bypass the FX-graph cache (freezing prepacks the weights as mkldnn tensors, which the cache cannot
+        # pickle): every process lowers the graph again, the kernels' timings come from the autotuning cache.
+        # Without prepacking the graph is cached (SmolLM2 bf16: a second process 14 s to its first tokens instead
+        # of 47 s), but the GEMM template is not offered: 21 ms a step instead of 8.5-10. The autotuning table is
+        # not printed. Untuned (low-bit linears by default: their kernels
         # need no prepacking): inductor's default mode, and its FX-graph cache (TORCHINDUCTOR_CACHE_DIR) serves a
         # second process, and compiles each distinct decoder layer once (prepare_for_graphs).
         if not tuned(float_matmuls, autotune):

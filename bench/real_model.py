@@ -12,7 +12,7 @@ the same GGUF file with the same threads (`pip install llama-cpp-python==0.3.36`
 note when absent). Each warms up once (compiling
 what it compiles), then they run in turn, `--repeats` rounds, so drift hits all alike; a figure is the median
 over rounds. The machine's memory read bandwidth is measured between every two contenders' runs, since on a shared
-host it moves (between ~31 and ~55 GB/s within minutes on a 2-core AMD EPYC VM): a run's decode roofline is the mean
+host it moves (between ~31 and ~65 GB/s within minutes on a 2-core AMD EPYC VM): a run's decode roofline is the mean
 of the bandwidths read just before and just after it, over the bytes of weights one decode step reads (every
 parameter once; an untied input embedding only gathers rows, so it is left out), and each decode figure is also
 given as the median over rounds of its fraction of that roofline.

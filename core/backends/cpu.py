@@ -79,9 +79,9 @@ class CpuBackend(DeviceBackend):
         # pickle): every process lowers the graph again, the kernels' timings come from the autotuning cache.
         # Without prepacking the graph is cached (SmolLM2 bf16: a second process 14 s to its first tokens instead
         # of 47 s), but the GEMM template is not offered: 21 ms a step instead of 8.5-10. The autotuning table is
-        # not printed. Untuned (low-bit linears by default: their kernels
-        # need no prepacking): inductor's default mode, and its FX-graph cache (TORCHINDUCTOR_CACHE_DIR) serves a
-        # second process, and compiles each distinct decoder layer once (prepare_for_graphs).
+        # not printed. Untuned (low-bit linears by default: their kernels need no prepacking): inductor's default
+        # mode, and its FX-graph cache (TORCHINDUCTOR_CACHE_DIR) serves a second process, and compiles each
+        # distinct decoder layer once (prepare_for_graphs).
         if not tuned(float_matmuls, autotune):
             return one_graph(forward, {**DECODE_FUSION, **NO_INPUT_CHECKS})
 

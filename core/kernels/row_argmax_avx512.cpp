@@ -55,7 +55,8 @@ __attribute__((target("avx512f"))) int64_t row_argmax_of(const float* row, int64
   int64_t chosen = indices[0];
   float largest = values[0];
   for (int64_t lane = 1; lane < kLanes; ++lane) {
-    // A lane past the row's end holds -inf at an index past it: it never wins, since lane 0 ties it first.
+    // A lane nothing beat holds -inf at its first index: it ties only when the whole row is -inf, and then
+    // lane 0's index 0 is chosen, as torch chooses it.
     if (values[lane] > largest || (values[lane] == largest && indices[lane] < chosen)) {
       largest = values[lane];
       chosen = indices[lane];

@@ -27,22 +27,16 @@ __attribute__((target("avx512f"))) int64_t row_argmax_of(const float* row, int64
   __m512 best = negative_infinity;
   __m512i best_index = index;
   __mmask16 unordered = 0;
-  int64_t start = 0;
-  for (; start + kLanes <= length; start += kLanes) {
-    const __m512 values = _mm512_loadu_ps(row + start);
+  for (int64_t start = 0; start < length; start += kLanes) {
+    // Past the row's end (its last sixteen or fewer) a lane reads -inf, which never beats anything.
+    const __mmask16 inside =
+        length - start >= kLanes ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (length - start)) - 1);
+    const __m512 values = _mm512_mask_loadu_ps(negative_infinity, inside, row + start);
     const __mmask16 larger = _mm512_cmp_ps_mask(values, best, _CMP_GT_OQ);
     unordered |= _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
     best = _mm512_mask_mov_ps(best, larger, values);
     best_index = _mm512_mask_mov_epi32(best_index, larger, index);
     index = _mm512_add_epi32(index, step);
-  }
-  if (start < length) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (length - start)) - 1);
-    const __m512 values = _mm512_mask_loadu_ps(negative_infinity, tail, row + start);
-    const __mmask16 larger = _mm512_cmp_ps_mask(values, best, _CMP_GT_OQ);
-    unordered |= _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
-    best = _mm512_mask_mov_ps(best, larger, values);
-    best_index = _mm512_mask_mov_epi32(best_index, larger, index);
   }
   if (unordered) {
     for (int64_t i = 0; i < length; ++i)

@@ -9,6 +9,7 @@ from torch._inductor import list_mode_options
 from core.backends.base import DeviceBackend, one_graph
 from core.backends.huge_pages import place_on_huge_pages
 from core.backends.repeated_blocks import compile_blocks_once
+from core.backends.vector_isa import trusted_isa_options
 from core.decode_attention import CPU_DECODE
 from core.kernels import cpu_kernels
 
@@ -83,11 +84,12 @@ class CpuBackend(DeviceBackend):
         # mode, and its FX-graph cache (TORCHINDUCTOR_CACHE_DIR) serves a second process, and compiles each
         # distinct decoder layer once (prepare_for_graphs).
         if not tuned(float_matmuls, autotune):
-            return one_graph(forward, {**DECODE_FUSION, **NO_INPUT_CHECKS})
+            return one_graph(forward, {**DECODE_FUSION, **NO_INPUT_CHECKS, **trusted_isa_options()})
 
         def frozen():
             return torch._inductor.config.patch(freezing=True, autotune_num_choices_displayed=0,
                                                 max_autotune_report_choices_stats=False)
 
-        options = {**list_mode_options("max-autotune-no-cudagraphs"), **DECODE_FUSION, **NO_INPUT_CHECKS}
+        options = {**list_mode_options("max-autotune-no-cudagraphs"), **DECODE_FUSION, **NO_INPUT_CHECKS,
+                   **trusted_isa_options()}
         return one_graph(forward, options, frozen)

@@ -1,5 +1,6 @@
 """Weights moved onto transparent huge pages (core.backends.huge_pages): the model computes the same, tied weights
-stay one tensor, each weight keeps a storage of its own, and the memory is advised for huge pages."""
+stay one tensor, each weight keeps a storage of its own, and the memory is advised for huge pages; memory that
+cannot move (a frozen graph's packed weights) is backed by huge pages where it lies."""
 
 from pathlib import Path
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from core.backends.huge_pages import HUGE_PAGE, huge_pages_on_request, place_on_huge_pages
+from core.backends.cpu import CpuBackend
+from core.backends.huge_pages import (HUGE_PAGE, collapse_into_huge_pages, huge_pages_on_request, kernel_collapses,
+                                       place_on_huge_pages)
 
 
 class TiedModel(nn.Module):
@@ -62,3 +65,33 @@ def test_a_model_under_one_huge_page_stays_where_it_is():
     model = nn.Linear(64, 64)
     address = model.weight.data_ptr()
     assert place_on_huge_pages(model) == 0 and model.weight.data_ptr() == address
+
+
+def _anon_huge_page_bytes() -> int:
+    text = Path("/proc/self/smaps_rollup").read_text()
+    return next(int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith("AnonHugePages:"))
+
+
+@pytest.mark.skipif(not kernel_collapses(), reason="needs madvise-mode huge pages and MADV_COLLAPSE (Linux 6.1+)")
+def test_memory_others_hold_is_backed_by_huge_pages_where_it_lies():
+    held = torch.arange(4 * HUGE_PAGE // 4, dtype=torch.int32)
+    address, before = held.data_ptr(), _anon_huge_page_bytes()
+
+    assert collapse_into_huge_pages([held]) >= 3 * HUGE_PAGE  # at least the ranges wholly inside it
+
+    assert held.data_ptr() == address
+    assert torch.equal(held, torch.arange(4 * HUGE_PAGE // 4, dtype=torch.int32))
+    assert _anon_huge_page_bytes() - before >= 3 * HUGE_PAGE
+
+
+@pytest.mark.skipif(not kernel_collapses(), reason="needs madvise-mode huge pages and MADV_COLLAPSE (Linux 6.1+)")
+def test_a_frozen_graphs_own_copies_of_the_weights_go_onto_huge_pages():
+    torch.manual_seed(0)
+    model, x = nn.Linear(1024, 2048).eval(), torch.randn(1, 1024)
+    with torch.inference_mode():
+        expected = model(x)
+        compiled = CpuBackend().compile(model.forward, "inductor")
+        before = _anon_huge_page_bytes()
+        assert torch.allclose(compiled(x), expected, atol=1e-4)
+        assert _anon_huge_page_bytes() - before >= 3 * HUGE_PAGE  # the 8 MB weight's packed copy
+        assert torch.allclose(compiled(x), expected, atol=1e-4)

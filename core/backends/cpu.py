@@ -7,7 +7,7 @@ import torch
 from torch._inductor import list_mode_options
 
 from core.backends.base import DeviceBackend, one_graph
-from core.backends.huge_pages import place_on_huge_pages
+from core.backends.huge_pages import graph_constants_on_huge_pages, place_on_huge_pages
 from core.backends.repeated_blocks import compile_blocks_once
 from core.backends.vector_isa import trusted_isa_options
 from core.decode_attention import CPU_DECODE
@@ -80,9 +80,10 @@ class CpuBackend(DeviceBackend):
         # pickle): every process lowers the graph again, the kernels' timings come from the autotuning cache.
         # Without prepacking the graph is cached (SmolLM2 bf16: a second process 14 s to its first tokens instead
         # of 47 s), but the GEMM template is not offered: 21 ms a step instead of 8.5-10. The autotuning table is
-        # not printed. Untuned (low-bit linears by default: their kernels need no prepacking): inductor's default
-        # mode, and its FX-graph cache (TORCHINDUCTOR_CACHE_DIR) serves a second process, and compiles each
-        # distinct decoder layer once (prepare_for_graphs).
+        # not printed. The packed copies of the weights a frozen graph holds go onto huge pages where they lie
+        # (core.backends.huge_pages), as the model's own weights did. Untuned (low-bit linears by default: their
+        # kernels need no prepacking): inductor's default mode, and its FX-graph cache (TORCHINDUCTOR_CACHE_DIR)
+        # serves a second process, and compiles each distinct decoder layer once (prepare_for_graphs).
         if not tuned(float_matmuls, autotune):
             return one_graph(forward, {**DECODE_FUSION, **NO_INPUT_CHECKS, **trusted_isa_options()})
 
@@ -92,4 +93,4 @@ class CpuBackend(DeviceBackend):
 
         options = {**list_mode_options("max-autotune-no-cudagraphs"), **DECODE_FUSION, **NO_INPUT_CHECKS,
                    **trusted_isa_options()}
-        return one_graph(forward, options, frozen)
+        return graph_constants_on_huge_pages(one_graph(forward, options, frozen))

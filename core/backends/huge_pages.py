@@ -8,12 +8,20 @@ Most distributions leave huge pages to programs that ask (`madvise` mode); torch
 does not ask, so the weights are copied into a mapping that does, one tensor at a time (the old copy freed as each
 moves); each keeps a storage of its own (compiled regions refuse weights that alias one storage). Where the kernel
 gives huge pages to everything (`always`), refuses them (`never`), or is not Linux, nothing moves.
+
+Memory that cannot move because others hold it — a frozen graph's own copies of the weights (inductor's GEMM
+template packs them into its blocked layout while compiling) — is backed by huge pages where it lies instead
+(`MADV_COLLAPSE`, Linux 6.1 and later): SmolLM2 bf16's 269 MB of packed weights, batch-1 step 7.06 -> 6.59 ms
+(paired rounds in one process, 2-core AMD EPYC).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import mmap
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -24,6 +32,7 @@ logger = logging.getLogger(__name__)
 HUGE_PAGE = 2 << 20
 ALIGNMENT = 64
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+MADV_COLLAPSE = 25  # Linux's generic madvise numbering (x86-64, arm64); Python 3.11's mmap does not name it
 
 
 def huge_pages_on_request() -> bool:
@@ -80,3 +89,65 @@ def place_on_huge_pages(model: nn.Module) -> int:
                 table[name] = moved
         del tensor
     return total
+
+
+def _madvise() -> Callable[[int, int, int], int]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
+@functools.cache
+def kernel_collapses() -> bool:
+    """Whether this kernel collapses memory into huge pages on request (MADV_COLLAPSE, Linux 6.1+): tried on a
+    mapping of our own, since an older kernel's "invalid argument" reads like that of a range it cannot collapse."""
+    if not huge_pages_on_request():
+        return False
+    trial = mmap.mmap(-1, 2 * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(trial))
+        start = address - address % HUGE_PAGE + HUGE_PAGE
+        trial.write(b"\1" * len(trial))
+        return _madvise()(start, HUGE_PAGE, MADV_COLLAPSE) == 0
+    finally:
+        trial.close()
+
+
+def collapse_into_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Back the memory under `tensors` with huge pages where it lies; returns the bytes now backed (0 where the
+    kernel cannot collapse memory, or gives huge pages only to everything or nothing). Every 2 MiB range a tensor's
+    storage touches is collapsed whole, so neighbouring allocations in it come along (their contents stay); a range
+    reaching past the mapping stays as it is."""
+    if not kernel_collapses():
+        return 0
+    starts: set[int] = set()
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        first, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        starts.update(range(first - first % HUGE_PAGE, end, HUGE_PAGE))
+    madvise = _madvise()
+    return sum(HUGE_PAGE for start in sorted(starts) if madvise(start, HUGE_PAGE, MADV_COLLAPSE) == 0)
+
+
+def graph_constants_on_huge_pages(compiled: Callable) -> Callable:
+    """`compiled` (torch.compile with inductor) collapsing into huge pages the tensors each inductor graph it loads
+    holds as constants, once, after the call that compiled or loaded the graph."""
+    from torch._inductor.codecache import PyCodeCache
+
+    loaded = len(PyCodeCache.modules)
+
+    @functools.wraps(compiled)
+    def run(*args, **kwargs):
+        nonlocal loaded
+        result = compiled(*args, **kwargs)
+        if len(PyCodeCache.modules) != loaded:
+            modules, loaded = PyCodeCache.modules[loaded:], len(PyCodeCache.modules)
+            constants = [value for module in modules for value in vars(module).values()
+                         if isinstance(value, torch.Tensor) and value.device.type == "cpu"
+                         and value.layout == torch.strided]
+            collapsed = collapse_into_huge_pages(constants)
+            if collapsed:
+                logger.info("compiled graph constants on huge pages: %.0f MB", collapsed / 1e6)
+        return result
+
+    return run

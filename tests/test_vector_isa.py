@@ -53,9 +53,20 @@ def test_an_unreadable_record_is_checked_and_written_again(own_cache, monkeypatc
     assert json.loads(memo.read_text())["all_passed"] is True
 
 
-def test_the_users_own_setting_wins(own_cache, monkeypatch):
+def test_the_users_own_setting_wins(own_cache):
     from torch._inductor import config
 
-    monkeypatch.setattr(config.cpp, "vec_isa_ok", False)
+    with config.patch({"cpp.vec_isa_ok": False}):
+        assert vector_isa.trusted_isa_options() == {}
+    assert records(own_cache) == []
+
+
+def test_a_machine_without_a_compiler_is_left_to_inductor(own_cache, monkeypatch):
+    from torch._inductor import cpp_builder
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
     assert vector_isa.trusted_isa_options() == {}
     assert records(own_cache) == []

@@ -81,12 +81,12 @@ def trusted_isa_options() -> dict[str, bool]:
 
     if platform.machine() not in ("x86_64", "AMD64") or config.cpp.vec_isa_ok is not None:
         return {}  # no such checks there, or the user decided (TORCHINDUCTOR_VEC_ISA_OK)
-    memo = memo_dir() / f"{_machine_key()}.json"
-    all_passed = _recorded(memo)
-    if all_passed is None:
-        try:
+    try:
+        memo = memo_dir() / f"{_machine_key()}.json"
+        all_passed = _recorded(memo)
+        if all_passed is None:
             all_passed = _check_and_record(memo)
-        except OSError as error:
-            logger.info("inductor checks the vector instruction sets in every process: %s", error)
-            return {}
+    except (OSError, RuntimeError) as error:  # no C++ compiler (inductor says so itself), a read-only cache, ...
+        logger.info("inductor checks the vector instruction sets in every process: %s", error)
+        return {}
     return {"cpp.vec_isa_ok": True} if all_passed else {}

@@ -28,11 +28,14 @@ import argparse
 import importlib.util
 import itertools
 import json
+import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+import transformers
 from gguf import GGUFReader
 from machine import BandwidthProbe, cpu_model
 from transformers import (
@@ -174,17 +177,36 @@ def contenders(dtype: str, batch_size: int, new_tokens: int) -> dict:
     return built
 
 
+def progress(message: str) -> None:
+    """The benchmark's one progress line on the terminal, rewritten in place."""
+    print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
+
+
+def libraries_log_to(path: Path) -> None:
+    """Library logs (transformers' loading bars and warnings, torch's and inductor's) go to `path`, not the
+    terminal."""
+    handler = logging.FileHandler(path, mode="w")
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    transformers.logging.disable_default_handler()
+    transformers.logging.add_handler(handler)
+    transformers.logging.disable_progress_bar()
+    torch._logging.set_logs(all=logging.WARNING)
+    logging.captureWarnings(True)
+
+
 def measure(dtype: str, batch_size: int, new_tokens: int, repeats: int) -> list[dict]:
     prompts = PROMPTS[:batch_size]
     built, compile_s = {}, {}
     for name, build in contenders(dtype, batch_size, new_tokens).items():
+        progress(f"{dtype} batch {batch_size}: warming up {name}")
         started = time.perf_counter()
         built[name] = build()
         built[name].run(prompts)
         compile_s[name] = time.perf_counter() - started
     rounds, probe = [], BandwidthProbe()
     bandwidth = probe.read_gb_s()
-    for _ in range(repeats):
+    for index in range(repeats):
+        progress(f"{dtype} batch {batch_size}: round {index + 1} of {repeats}")
         round_ = {}
         for name, contender in built.items():
             before = bandwidth
@@ -231,10 +253,12 @@ def measure_batch_scaling(batch_size: int, new_tokens: int, repeats: int) -> lis
     for batch in (1, batch_size):
         ports = contenders("bfloat16", batch, new_tokens)
         for name in LOW_BIT_PORTS:
+            progress(f"batch scaling: warming up {name} at batch {batch}")
             built[name, batch] = ports[name]()
             built[name, batch].run(PROMPTS[:batch])
     steps = {key: [] for key in built}
-    for _ in range(repeats):
+    for index in range(repeats):
+        progress(f"batch scaling: round {index + 1} of {repeats}")
         for name in LOW_BIT_PORTS:
             for batch in (1, batch_size):
                 steps[name, batch].append(built[name, batch].run(PROMPTS[:batch])["decode_ms"])
@@ -279,6 +303,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=Path("results/bench_real_model.json"))
     args = parser.parse_args()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    log_path = args.json.with_suffix(".log")
+    libraries_log_to(log_path)
     torch.set_grad_enabled(False)
     import_gguf(packaged_smollm2_gguf(), CHECKPOINT)
     if "bfloat16" in args.dtypes:
@@ -290,13 +317,13 @@ def main() -> int:
     scaling = []
     if "bfloat16" in args.dtypes and 1 in args.batches and max(args.batches) > 1:
         scaling = measure_batch_scaling(max(args.batches), args.new_tokens, args.repeats)
+    progress("")
     print_table(rows)
     if scaling:
         print_scaling(scaling)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"cpu": cpu_model(), "int_groups_kernel": int_groups_kernel_for(32),
                                      "rows": rows, "batch_scaling": scaling}, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    print(f"wrote {args.json}; library logs in {log_path}")
     return 0
 
 

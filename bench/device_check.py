@@ -44,6 +44,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.backends import BACKENDS
+from library_logs import libraries_log_to
 from machine import cpu_model, read_bandwidth_gb_s
 from core.sampling import SamplingParams
 from scaffold.tiny import TRAINING_TEXT, build_tiny_checkpoint, build_tiny_tokenizer
@@ -459,13 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--new-tokens {args.new_tokens}: decode speed needs at least 2 new tokens")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    log_handler = logging.FileHandler(args.out / "device_check.log", mode="w")
-    logging.basicConfig(level=logging.INFO, handlers=[log_handler], force=True)
-    transformers.logging.disable_default_handler()
-    transformers.logging.add_handler(log_handler)
-    transformers.logging.disable_progress_bar()
-    torch._logging.set_logs(all=logging.WARNING)
-    logging.captureWarnings(True)
+    libraries_log_to(args.out / "device_check.log")
     device_name = (torch.cuda.get_device_name() if args.device == "cuda"
                    else f"{cpu_model()} ({os.cpu_count()} cores)")
     report = Report(args.out, {

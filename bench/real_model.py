@@ -28,15 +28,14 @@ import argparse
 import importlib.util
 import itertools
 import json
-import logging
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
 from gguf import GGUFReader
+from library_logs import libraries_log_to
 from machine import BandwidthProbe, cpu_model
 from transformers import (
     AutoModelForCausalLM,
@@ -180,18 +179,6 @@ def contenders(dtype: str, batch_size: int, new_tokens: int) -> dict:
 def progress(message: str) -> None:
     """The benchmark's one progress line on the terminal, rewritten in place."""
     print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
-
-
-def libraries_log_to(path: Path) -> None:
-    """Library logs (transformers' loading bars and warnings, torch's and inductor's) go to `path`, not the
-    terminal."""
-    handler = logging.FileHandler(path, mode="w")
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    transformers.logging.disable_default_handler()
-    transformers.logging.add_handler(handler)
-    transformers.logging.disable_progress_bar()
-    torch._logging.set_logs(all=logging.WARNING)
-    logging.captureWarnings(True)
 
 
 def measure(dtype: str, batch_size: int, new_tokens: int, repeats: int) -> list[dict]:

@@ -91,6 +91,7 @@ def place_on_huge_pages(model: nn.Module) -> int:
     return total
 
 
+@functools.cache
 def _madvise() -> Callable[[int, int, int], int]:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

@@ -58,6 +58,37 @@ def test_inductor_samples_with_one_decode_graph(tiny_gpt_oss, measurements):
     assert first.output_token_ids == again.output_token_ids != greedy.output_token_ids
 
 
+class ShiftedDecodePositions(GptOssRunner):
+    """Notes whether each `model_input_prepare` call runs eagerly or is being compiled, and moves every decoded
+    token one position on."""
+
+    eager_prepares: list[bool] = []
+
+    def model_input_prepare(self, input_dict):
+        ShiftedDecodePositions.eager_prepares.append(not torch.compiler.is_compiling())
+        model_inputs = super().model_input_prepare(input_dict)
+        if model_inputs["input_ids"].shape[1] == 1:
+            model_inputs["position_ids"] = model_inputs["position_ids"] + 1
+        return model_inputs
+
+
+def test_decode_graph_runs_the_runners_own_input_prepare(tiny_gpt_oss):
+    """`model_input_prepare` is traced into the compiled decode step: after warm-up the loop runs it eagerly only
+    for the prefill, and what a subclass changes in it still reaches every compiled step."""
+    settings = {"exe_mode": "inductor", "model_config": {"compile_autotune": False}}
+    runner = ShiftedDecodePositions(verification_settings(GptOssRunner, tiny_gpt_oss, 3, 8, settings))
+    runner.init_model()
+    shifted = runner.model_generate(list(DEFAULT_PROMPTS), warm_up=True, ignore_eos=True)
+    ShiftedDecodePositions.eager_prepares.clear()
+    again = runner.model_generate(list(DEFAULT_PROMPTS), ignore_eos=True)
+    assert ShiftedDecodePositions.eager_prepares.count(True) == 1
+    assert again.output_token_ids == shifted.output_token_ids
+    assert again.timing["recompiles_after_warmup"] == 0
+    plain = GptOssRunner(verification_settings(GptOssRunner, tiny_gpt_oss, 3, 8, {"exe_mode": "eager"}))
+    plain.init_model()
+    assert plain.model_generate(list(DEFAULT_PROMPTS), ignore_eos=True).output_token_ids != shifted.output_token_ids
+
+
 class Scaled(torch.nn.Module):
     def __init__(self, scale: float, graph_break: bool = False):
         super().__init__()

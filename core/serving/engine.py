@@ -120,7 +120,7 @@ class RowBatch:
         inputs = {"input_ids": torch.tensor(tokens, device=runner.device)[:, None], "attention_mask": self.mask,
                   "position_ids": self.positions.clone(),
                   "cache_position": torch.tensor([self.slot], device=runner.device), "kv_cache": self.cache}
-        logits = runner.model_inference(runner.model_input_prepare(inputs))
+        _, logits = runner.model_step(inputs)
         self.positions[active] += 1
         self.slot += 1
         return logits

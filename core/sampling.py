@@ -112,6 +112,13 @@ def seen_tokens(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vocab_size:
 ARGMAX_CHUNK = 1024
 
 
+@torch.compiler.assume_constant_result
+def cpu_argmax_kernel_loaded() -> bool:
+    """Whether the AVX-512 argmax is loaded; a compiled graph takes the answer as a constant instead of tracing the
+    loader."""
+    return cpu_kernels() is None
+
+
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first index of its largest logit, as torch.argmax returns it. CUDA reduces one long row in one
     block of threads (~27 us for a 128K vocabulary on an H200, 2% of a 1B model's decode step): there the row is
@@ -121,7 +128,7 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
         return chunked_argmax(logits)
     # The same index either way (bf16 → fp32 is exact); torch's CPU argmax over bf16 is 3x slower.
     rows = logits.float().reshape(-1, logits.shape[-1])
-    if logits.device.type == "cpu" and rows.shape[-1] > 0 and cpu_kernels() is None:
+    if logits.device.type == "cpu" and rows.shape[-1] > 0 and cpu_argmax_kernel_loaded():
         return torch.ops.recipes_scaffold.row_argmax(rows.contiguous()).reshape(logits.shape[:-1])
     return rows.argmax(dim=-1).reshape(logits.shape[:-1])
 

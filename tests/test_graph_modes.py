@@ -89,6 +89,20 @@ def test_decode_graph_runs_the_runners_own_input_prepare(tiny_gpt_oss):
     assert plain.model_generate(list(DEFAULT_PROMPTS), ignore_eos=True).output_token_ids != shifted.output_token_ids
 
 
+def test_greedy_rows_stop_at_a_stop_token_chosen_inside_the_compiled_step(tiny_gpt_oss):
+    """Greedy decoding in a graph mode picks each token inside the compiled step: a row ends at its first stop
+    token, and the others go on exactly as they would without it."""
+    settings = {"exe_mode": "inductor", "model_config": {"compile_autotune": False}}
+    runner = GptOssRunner(verification_settings(GptOssRunner, tiny_gpt_oss, 3, 8, settings))
+    runner.init_model()
+    free = runner.model_generate(list(DEFAULT_PROMPTS), warm_up=True, ignore_eos=True).output_token_ids
+    stop = free[0][2]
+    stopped = runner.model_generate(list(DEFAULT_PROMPTS), sampling={"eos_token_id": (stop,)})
+    expected = [row[: row.index(stop) + 1] if stop in row else row for row in free]
+    assert stopped.output_token_ids == expected and len(expected[0]) <= 3
+    assert stopped.timing["recompiles_after_warmup"] == 0
+
+
 class Scaled(torch.nn.Module):
     def __init__(self, scale: float, graph_break: bool = False):
         super().__init__()

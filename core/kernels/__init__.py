@@ -108,4 +108,8 @@ def load_cpu_kernels() -> str | None:
     def _(q, k, v, mask, scale):
         return q.new_empty((q.shape[0], 1, q.shape[1], v.shape[3]))
 
+    @torch.library.register_fake("recipes_scaffold::row_argmax")
+    def _(logits):
+        return logits.new_empty(logits.shape[:1], dtype=torch.long)
+
     return None

@@ -296,9 +296,29 @@ void decode_attention_typed(const at::Tensor& q, const at::Tensor& k, const at::
   // width than the keys go a head at a time.
   const GroupAttention<T> attend_heads = group_attention_for<T>(head_dim);
   const int64_t mask_head_stride = mask_per_head ? mask.stride(1) : 0;
+  // A task's keys and values come from DRAM (a decode step's weights have flushed the caches since the layer wrote
+  // them), in short streams the hardware prefetchers pick up late: a thread asks for its first task's unmasked
+  // slots into L2 and, while it computes each task, for the next one's. SmolLM2's layer at batch 8 with each
+  // call's caches flushed, 2-core AMD EPYC: 38.5 -> 30.3 us; batch 1: 15.9 -> 13.9 us.
+  const float masked = static_cast<float>(std::numeric_limits<T>::lowest());
+  auto prefetch_task = [&](int64_t task) {
+    const int64_t b = task / kv_heads, kv = task % kv_heads;
+    const auto* keys = reinterpret_cast<const char*>(k_data + b * k.stride(0) + kv * k.stride(1));
+    const auto* values = reinterpret_cast<const char*>(v_data + b * v.stride(0) + kv * v.stride(1));
+    const T* slot_mask = mask_data + b * mask.stride(0) + kv * group * mask_head_stride;
+    for (int64_t s = 0; s < slots; ++s) {
+      if (static_cast<float>(slot_mask[s]) == masked) continue;
+      for (int64_t byte = 0; byte < head_dim * int64_t{sizeof(T)}; byte += 64)
+        _mm_prefetch(keys + s * k.stride(2) * sizeof(T) + byte, _MM_HINT_T1);
+      for (int64_t byte = 0; byte < value_dim * int64_t{sizeof(T)}; byte += 64)
+        _mm_prefetch(values + s * v.stride(2) * sizeof(T) + byte, _MM_HINT_T1);
+    }
+  };
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
     GroupScratch scratch(group, head_dim, padded);
+    prefetch_task(first);
     for (int64_t task = first; task < last; ++task) {
+      if (task + 1 < last) prefetch_task(task + 1);
       const int64_t b = task / kv_heads, kv = task % kv_heads, h = kv * group;
       const T* group_q = q_data + (b * heads + h) * head_dim;
       const T* group_k = k_data + b * k.stride(0) + kv * k.stride(1);

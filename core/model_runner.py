@@ -40,8 +40,10 @@ logger = logging.getLogger(__name__)
 
 
 def compiled_frames() -> int:
-    """How many frames torch.compile has compiled in this process (each recompilation adds one)."""
-    return torch._dynamo.utils.counters["frames"]["ok"]
+    """How many graphs torch.compile has compiled in this process (each recompilation adds one). Dynamo counts
+    frames only where it may fall back to eager; a `fullgraph=True` compile (core.backends.base.one_graph) adds to
+    the graph count alone."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 # A prompt: a text, or a chat as a list of {"role": ..., "content": ...} messages.
@@ -546,7 +548,10 @@ class ModelRunner:
         step_logits: list[torch.Tensor] = []
         timers = []
         step = 0
-        with self.define_profiler() if profile else contextlib.nullcontext():
+        # Inference mode throughout: a tensor made outside it carries another dispatch key set than one a compiled
+        # step makes, and the graph's guards would tell the first step's inputs from the later ones' (a second
+        # compile of the same step).
+        with self.define_profiler() if profile else contextlib.nullcontext(), torch.inference_mode():
             # Rows finish only at EOS or a stop string: ignoring both, no step waits for the device to ask.
             while not self.get_jump_flag(step, max_new_tokens, None if ignore_eos else finished):
                 with self.backend.step_timer() as timer, step_label(step) if profile else contextlib.nullcontext():

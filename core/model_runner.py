@@ -39,7 +39,7 @@ from core.weights import held_whole, load_checkpoint_into
 logger = logging.getLogger(__name__)
 
 
-def compiled_frames() -> int:
+def compiled_graphs() -> int:
     """How many graphs torch.compile has compiled in this process (each recompilation adds one). Dynamo counts
     frames only where it may fall back to eager; a `fullgraph=True` compile (core.backends.base.one_graph) adds to
     the graph count alone."""
@@ -514,13 +514,13 @@ class ModelRunner:
             started = time.perf_counter()
             self._decode(build_input_dict(prompts), max_new_tokens, teacher_tokens, ignore_eos, params)
             compile_seconds = time.perf_counter() - started
-        frames_before = compiled_frames()
+        frames_before = compiled_graphs()
         token_rows, lengths, step_logits, timing = self._decode(
             build_input_dict(prompts), max_new_tokens, teacher_tokens, ignore_eos, params, keep_logits,
             self.enable_profiler, stream,
         )
         summary = {**timing.summary(), "compile_s": round(compile_seconds, 3),
-                   "recompiles_after_warmup": compiled_frames() - frames_before}
+                   "recompiles_after_warmup": compiled_graphs() - frames_before}
         output_token_ids = [row[:length] for row, length in zip(token_rows, lengths)]
         outputs = self.tokenizer.batch_decode(output_token_ids, skip_special_tokens=True)
         logger.info("%s | compile (warm-up) %.2f s | recompiles after warm-up: %d", timing.report(),
@@ -541,8 +541,8 @@ class ModelRunner:
         pad_id = self.tokenizer.pad_token_id
         finished = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
         any_finished = False  # finished rows' tokens become padding; until one finishes that costs a pass a step
-        greedy_in_graph = (self.exe_mode != "eager" and teacher_tokens is None and sampling.greedy
-                           and sampling.repetition_penalty == 1.0)
+        greedy_in_graph = (self.exe_mode != "eager" and self.backend.greedy_step_in_graph and teacher_tokens is None
+                           and sampling.greedy and sampling.repetition_penalty == 1.0)
         lengths = [max_new_tokens] * batch_size
         generated: list[torch.Tensor] = []
         step_logits: list[torch.Tensor] = []

@@ -15,7 +15,7 @@ import threading
 import uvicorn
 
 from core.cli import exit_on_user_error
-from core.model_runner import ModelRunner, compiled_frames
+from core.model_runner import ModelRunner, compiled_graphs
 from core.serving.engine import Engine, Sequence, serve_replica
 from core.serving.openai_api import create_app
 from core.settings import load_runner_settings
@@ -81,7 +81,7 @@ def main(runner_class: type[ModelRunner], argv: list[str] | None = None, *, mode
     engine = Engine(runner, max_waiting=args.max_waiting)
     if runner.exe_mode != "eager":
         warm_up(engine)
-        logger.info("warmed up: %d graphs compiled", compiled_frames())
+        logger.info("warmed up: %d graphs compiled", compiled_graphs())
     stopping = threading.Event()
     worker = threading.Thread(target=engine.run, args=(stopping,), name="engine", daemon=True)
     worker.start()

@@ -229,7 +229,7 @@ def test_tp2_concurrent_greedy_answers_equal_each_alone(tiny_llama, tmp_path, al
 def test_inductor_decodes_every_mix_of_rows_with_one_graph(tiny_llama, alone, measurements):
     """Sequences join and leave a compiled batch at different steps (prefills run eagerly): nothing
     recompiles after the warm-up, and each greedy answer is still its alone answer."""
-    from core.model_runner import compiled_frames
+    from core.model_runner import compiled_graphs
     from core.serve import warm_up
     from core.serving.engine import Engine, Sequence
 
@@ -238,7 +238,7 @@ def test_inductor_decodes_every_mix_of_rows_with_one_graph(tiny_llama, alone, me
     runner.init_model()
     engine = Engine(runner)
     warm_up(engine)
-    frames = compiled_frames()
+    frames = compiled_graphs()
     sequences = {}
     arrivals = {0: PROMPTS[:2], 3: PROMPTS[2:5], 9: PROMPTS[5:]}
     step = 0
@@ -249,7 +249,7 @@ def test_inductor_decodes_every_mix_of_rows_with_one_graph(tiny_llama, alone, me
             engine.submit(sequences[prompt])
         engine.step()
         step += 1
-    recompiles = compiled_frames() - frames
+    recompiles = compiled_graphs() - frames
     measurements.append(f"serve inductor: {len(PROMPTS)} sequences joining at steps 0/3/9 over 3 rows, "
                         f"{recompiles} recompiles after warm-up")
     assert recompiles == 0

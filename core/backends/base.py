@@ -25,6 +25,10 @@ class DeviceBackend:
     dist_backend: ClassVar[str]
     # Graph modes compile the prompt's forward too (bucketed lengths), not only the decode step.
     compiles_prefill: ClassVar[bool] = True
+    # A greedy decode step's graph also picks its tokens and writes the next step's inputs (the slot mask updated in
+    # place). Proven on CPU; where graphs are replayed (CUDA graphs, ACL graphs), an input updated in place that is
+    # not a static buffer would keep the step out of the replayed graph, so there the tokens are chosen outside it.
+    greedy_step_in_graph: ClassVar[bool] = False
 
     @classmethod
     def is_available(cls) -> bool:

@@ -40,6 +40,7 @@ class CpuBackend(DeviceBackend):
     # much compile time as the decode step's. SmolLM2 with its GGUF Q4_1 weights kept, on a 2-core EPYC: ready in
     # 47 s instead of ~75 s from a cold cache, and the first prompt's prefill takes 40 ms instead of 30.
     compiles_prefill = False
+    greedy_step_in_graph = True
 
     @classmethod
     def is_available(cls) -> bool:

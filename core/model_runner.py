@@ -130,7 +130,7 @@ class ModelRunner:
         self.max_position_embeddings: int | None = data_config["max_position_embeddings"]
         self.result_path = Path("results") / self.model_name
         self.model: torch.nn.Module | None = None
-        self.prefill_forward = self.decode_forward = None
+        self.prefill_forward = self.decode_forward = self.greedy_decode_forward = None
         self._model_attention: str | None = None  # the model's attention implementation (graph modes switch it)
         self.tokenizer = None
         self._kv_caches: dict[int, StaticKVCache] = {}
@@ -292,8 +292,9 @@ class ModelRunner:
         if self.exe_mode != "eager":
             self.backend.prepare_for_graphs(self.model, self.exe_mode, self.dtype, float_matmuls, autotune)
         self.decode_forward = self.backend.compile(self.prepared_logits, self.exe_mode, float_matmuls, autotune)
-        self.greedy_decode_forward = self.backend.compile(self.prepared_greedy_step, self.exe_mode, float_matmuls,
-                                                          autotune)
+        self.greedy_decode_forward = (self.backend.compile(self.prepared_greedy_step, self.exe_mode, float_matmuls,
+                                                           autotune)
+                                      if self.backend.greedy_step_in_graph else None)
         self.prefill_forward = (self.backend.compile(self.prepared_logits, self.exe_mode, float_matmuls, autotune)
                                 if self.backend.compiles_prefill else self.prepared_logits)
 
@@ -541,8 +542,8 @@ class ModelRunner:
         pad_id = self.tokenizer.pad_token_id
         finished = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
         any_finished = False  # finished rows' tokens become padding; until one finishes that costs a pass a step
-        greedy_in_graph = (self.exe_mode != "eager" and self.backend.greedy_step_in_graph and teacher_tokens is None
-                           and sampling.greedy and sampling.repetition_penalty == 1.0)
+        greedy_in_graph = (self.exe_mode != "eager" and self.greedy_decode_forward is not None
+                           and teacher_tokens is None and sampling.greedy and sampling.repetition_penalty == 1.0)
         lengths = [max_new_tokens] * batch_size
         generated: list[torch.Tensor] = []
         step_logits: list[torch.Tensor] = []

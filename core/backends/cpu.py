@@ -9,6 +9,7 @@ from torch._inductor import list_mode_options
 from core.backends.base import DeviceBackend, one_graph
 from core.backends.huge_pages import graph_constants_on_huge_pages, place_on_huge_pages
 from core.backends.repeated_blocks import compile_blocks_once
+from core.backends.template_codegen import remember_template_parses
 from core.backends.vector_isa import trusted_isa_options
 from core.decode_attention import CPU_DECODE
 from core.kernels import cpu_kernels
@@ -78,7 +79,8 @@ class CpuBackend(DeviceBackend):
         # True}) does not reach the freezing pass in torch 2.13), and only around this forward's calls —
         # compilation happens inside them — so that other compiled code keeps its own settings. Frozen graphs
         # bypass the FX-graph cache (freezing prepacks the weights as mkldnn tensors, which the cache cannot
-        # pickle): every process lowers the graph again, the kernels' timings come from the autotuning cache.
+        # pickle): every process lowers the graph again, the kernels' timings come from the autotuning cache, and
+        # the GEMM template's sources are parsed once per process instead of once per product (template_codegen).
         # Without prepacking the graph is cached (SmolLM2 bf16: a second process 14 s to its first tokens instead
         # of 47 s), but the GEMM template is not offered: 21 ms a step instead of 8.5-10. The autotuning table is
         # not printed. The packed copies of the weights a frozen graph holds go onto huge pages where they lie
@@ -87,6 +89,8 @@ class CpuBackend(DeviceBackend):
         # serves a second process, and compiles each distinct decoder layer once (prepare_for_graphs).
         if not tuned(float_matmuls, autotune):
             return one_graph(forward, {**DECODE_FUSION, **NO_INPUT_CHECKS, **trusted_isa_options()})
+
+        remember_template_parses()
 
         def frozen():
             return torch._inductor.config.patch(freezing=True, autotune_num_choices_displayed=0,

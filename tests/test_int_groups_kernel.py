@@ -1,5 +1,6 @@
 """The CPU kernels behind integer weight groups: our AVX-512 BF16 kernel (core/kernels) and torch's int4 fallback
-multiply by exactly the weight `int_groups_as_float` gives, for 4-bit codes with mins and 8-bit codes without."""
+multiply by exactly the weight `int_groups_as_float` gives, for 4-bit codes with mins, symmetric 4-bit codes (mins
+−8 · scale, llama.cpp's Q4_0) and 8-bit codes without mins."""
 
 import pytest
 import torch
@@ -13,20 +14,24 @@ needs_avx512_bf16 = pytest.mark.skipif(core.kernels.cpu_kernels() is not None,
                                        reason=f"AVX-512 BF16 kernel: {core.kernels.cpu_kernels()}")
 
 
-def random_groups(rows: int, columns: int, group: int, bits: int, seed: int = 0):
+def random_groups(rows: int, columns: int, group: int, bits: int | str, seed: int = 0):
+    """bits 4, "4 symmetric" or 8."""
     generator = torch.Generator().manual_seed(seed)
-    if bits == 4:
-        codes = torch.randint(0, 16, (rows, columns), generator=generator, dtype=torch.uint8)
-        mins = -torch.rand(rows, columns // group, generator=generator) * 0.1
-    else:
+    if bits == 8:
         codes = torch.randint(-128, 128, (rows, columns), generator=generator, dtype=torch.int8)
         mins = None
+    else:
+        codes = torch.randint(0, 16, (rows, columns), generator=generator, dtype=torch.uint8)
+        mins = -torch.rand(rows, columns // group, generator=generator) * 0.1
     scales = torch.rand(rows, columns // group, generator=generator) * 0.02 + 1e-3
+    if bits == "4 symmetric":
+        scales = scales.half().float()
+        mins = -8 * scales
     return codes, scales, mins
 
 
 @pytest.mark.parametrize("kernel", [AVX512_KERNEL, TORCH_INT4_KERNEL])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, "4 symmetric", 8])
 @pytest.mark.parametrize("rows,columns,group,batch", [(16, 32, 32, 1), (96, 192, 32, 3), (48, 256, 64, 8),
                                                        (32, 128, 128, 11), (80, 64, 32, 5)])
 def test_int_groups_multiply_by_their_float_weight(monkeypatch, kernel, bits, rows, columns, group, batch):
@@ -58,6 +63,20 @@ def test_avx512_kernel_keeps_the_files_float16_scales_where_torch_rounds_to_bflo
              + mins.half().float()[..., None]).flatten(-2)
     assert torch.equal(as_float[AVX512_KERNEL], exact)
     assert not torch.equal(as_float[TORCH_INT4_KERNEL], exact)
+
+
+@needs_avx512_bf16
+def test_symmetric_groups_read_no_mins_and_give_what_the_same_groups_with_mins_give():
+    codes, scales, mins = random_groups(64, 256, 32, "4 symmetric", seed=2)
+    symmetric = IntGroups(nn.Parameter(torch.empty(64, 256)), 32)
+    symmetric.set_groups(codes, scales, mins)
+    with_mins = IntGroups(nn.Parameter(torch.empty(64, 256)), 32)
+    with_mins.set_groups(codes, scales, mins + 2.0**-10)  # no longer −8 · scale: mins kept
+    assert symmetric.symmetric and not with_mins.symmetric
+    assert symmetric.packed_bytes() * 10 == with_mins.packed_bytes() * 9  # per block 288 bytes, not 320
+    x = torch.randn(8, 256).bfloat16().float()  # values the bfloat16 kernel takes as they are
+    shift = x.unflatten(-1, (-1, 32)).sum(-1) @ torch.full((64, 8), 2.0**-10).T
+    torch.testing.assert_close(symmetric(x) + shift, with_mins(x), rtol=1e-5, atol=1e-5)
 
 
 @needs_avx512_bf16

@@ -13,8 +13,8 @@ from gguf.quants import dequantize, quantize
 from core.gguf_blocks import decode_blocks
 from core.gguf_import import import_gguf, packaged_smollm2_gguf
 from core.quantization import low_bit
-from core.quantization.int_groups import dequantize_groups
-from core.quantization.low_bit import TORCH_INT4_KERNEL
+from core.quantization.int_groups import PackedIntGroups, dequantize_groups
+from core.quantization.low_bit import AVX512_KERNEL, TORCH_INT4_KERNEL
 from generated_models.llama.runner_llama import LlamaRunner
 from scaffold.tiny_quantized import write_low_bit_reference
 from scaffold.verify import DistributedCase, build_tiny_checkpoint, verify_port, verify_port_distributed_cases
@@ -76,6 +76,19 @@ def test_gguf_blocks_decode_to_the_values_gguf_dequantizes(kind):
     parts = decode_blocks(kind, raw.reshape(48, 96 // 32, -1))
     ours = dequantize_groups(parts["codes"], parts["scales"], parts.get("mins"))
     assert torch.equal(ours, torch.from_numpy(dequantize(raw, quant_type)))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_kept_q4_0_blocks_run_on_the_symmetric_kernel_and_multiply_by_the_files_values(kind):
+    """Q4_0's scale · (code − 8) reads no mins on the AVX-512 kernel: 288 bytes a block of 16 rows, not 320."""
+    values = np.random.default_rng(1).standard_normal((48, 96)).astype(np.float32)
+    parts = decode_blocks(kind, quantize(values, GGMLQuantizationType[kind]).reshape(48, 96 // 32, -1))
+    weight = PackedIntGroups(torch.nn.Parameter(torch.empty(48, 96)), 32)
+    weight.store(parts)
+    assert weight.symmetric == (kind == "Q4_0" and weight.kernel == AVX512_KERNEL)
+    x = torch.randn(3, 96).bfloat16().float()
+    expected = x @ dequantize_groups(parts["codes"], parts["scales"], parts["mins"]).T
+    torch.testing.assert_close(weight(x), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

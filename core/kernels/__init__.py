@@ -102,6 +102,7 @@ def load_cpu_kernels() -> str | None:
         return x.new_empty((x.shape[0], weight.shape[0] // (x.shape[1] // GROUP) * ROWS), dtype=torch.float32)
 
     torch.library.register_fake("recipes_scaffold::int4_groups_mm")(int_groups_output)
+    torch.library.register_fake("recipes_scaffold::int4_symmetric_groups_mm")(int_groups_output)
     torch.library.register_fake("recipes_scaffold::int8_groups_mm")(int_groups_output)
 
     @torch.library.register_fake("recipes_scaffold::decode_attention")

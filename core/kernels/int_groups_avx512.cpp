@@ -5,6 +5,9 @@
 // number 128 + q; 8-bit: through float32), products of two bfloat16s are exact in float32, and the per-group
 // scale and min (float16, as the file stores them) are applied in float32 once per group:
 //   sum_k x_k (d q_k + m) = d * sum_k x_k (128 + q_k) + (m - 128 d) * sum_k x_k.
+// Symmetric 4-bit groups (llama.cpp's Q4_0: m = -8 d) store no mins, and the group's dot product starts from the
+// offset's term instead: sum_k x_k d (q_k - 8) = d * (-136 * sum_k x_k + sum_k x_k (128 + q_k)). One multiply-add a
+// group and row instead of two: at batch 8 the products bind, and the two cost ~11% of the kernel's time.
 //
 // The weights are laid out for the kernel (core/kernels/layout.py): 16 output rows side by side, so that one
 // vdpbf16ps multiplies 16 rows by a broadcast pair of inputs, and the decode step (one to eight activation rows)
@@ -31,6 +34,7 @@ constexpr int kMaxTile = 8;     // activation rows a pass over the weights serve
 constexpr int64_t kPairedGroups = 2;  // groups whose blocks alternate in the layout
 constexpr int64_t kScaleBytes = kRows * 2;
 constexpr int64_t kFourBitRecord = 256 + 2 * kScaleBytes;  // codes, scales, mins
+constexpr int64_t kSymmetricFourBitRecord = 256 + kScaleBytes;  // codes, scales
 constexpr int64_t kEightBitRecord = 512 + kScaleBytes;     // codes, scales
 // How far ahead of its reads a thread asks for its stream: ~3 blocks of a group pair, past what the hardware
 // prefetchers fetch on their own at batch 8.
@@ -91,11 +95,12 @@ AVX512_BF16 inline void stored(const __m512 (&acc)[Groups][Tile], float* y, int6
 // feeds every group: one broadcast per product holds vdpbf16ps to ~83% of its rate (3.0 against 3.6 G/s a core,
 // AMD EPYC), and the Q4_1 step's batch-8 products are most of its time. 4-bit layout per block: 4 chunks of 64
 // bytes, each giving input pairs 4j..4j+3 of the 16 rows: lower nibbles through unpacklo / unpackhi (pairs 4j,
-// 4j+1), upper nibbles the same way (pairs 4j+2, 4j+3).
-template <int Tile, int Groups>
-AVX512_BF16 void four_bit_group(const uint16_t* x, int64_t k, const float* sums, int64_t blocks, const uint8_t* run,
+// 4j+1), upper nibbles the same way (pairs 4j+2, 4j+3). `terms`: each row's per-block input sums, times -136 when
+// `Symmetric`.
+template <int Tile, int Groups, bool Symmetric>
+AVX512_BF16 void four_bit_group(const uint16_t* x, int64_t k, const float* terms, int64_t blocks, const uint8_t* run,
                                 float* y, int64_t n) {
-  constexpr int64_t record = kFourBitRecord;
+  constexpr int64_t record = Symmetric ? kSymmetricFourBitRecord : kFourBitRecord;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const __m512i exponent = _mm512_set1_epi8(0x43);
   const __m512 offset = _mm512_set1_ps(128.0f);
@@ -103,6 +108,11 @@ AVX512_BF16 void four_bit_group(const uint16_t* x, int64_t k, const float* sums,
   for (int64_t b = 0; b < blocks; ++b) {
     prefetch_ahead<Groups>(run, record, b);
     __m512 dot[Groups][Tile][kChains<Tile>] = {};
+    if constexpr (Symmetric)
+      for (int t = 0; t < Tile; ++t) {
+        const __m512 offset_term = _mm512_set1_ps(terms[t * blocks + b]);
+        for (int g = 0; g < Groups; ++g) dot[g][t][0] = offset_term;
+      }
     for (int j = 0; j < 4; ++j) {
       __m512i low[Groups], high[Groups];
       for (int g = 0; g < Groups; ++g) {
@@ -123,10 +133,14 @@ AVX512_BF16 void four_bit_group(const uint16_t* x, int64_t k, const float* sums,
     for (int g = 0; g < Groups; ++g) {
       const auto* halves = reinterpret_cast<const at::Half*>(block_of<Groups>(run, record, b, g) + 256);
       const __m512 scale = scale_of(halves);
-      const __m512 shifted_min = _mm512_fnmadd_ps(offset, scale, scale_of(halves + kRows));
-      for (int t = 0; t < Tile; ++t) {
-        acc[g][t] = _mm512_fmadd_ps(joined<Tile>(dot[g][t]), scale, acc[g][t]);
-        acc[g][t] = _mm512_fmadd_ps(shifted_min, _mm512_set1_ps(sums[t * blocks + b]), acc[g][t]);
+      if constexpr (Symmetric) {
+        for (int t = 0; t < Tile; ++t) acc[g][t] = _mm512_fmadd_ps(joined<Tile>(dot[g][t]), scale, acc[g][t]);
+      } else {
+        const __m512 shifted_min = _mm512_fnmadd_ps(offset, scale, scale_of(halves + kRows));
+        for (int t = 0; t < Tile; ++t) {
+          acc[g][t] = _mm512_fmadd_ps(joined<Tile>(dot[g][t]), scale, acc[g][t]);
+          acc[g][t] = _mm512_fmadd_ps(shifted_min, _mm512_set1_ps(terms[t * blocks + b]), acc[g][t]);
+        }
       }
     }
   }
@@ -164,7 +178,11 @@ using GroupKernel = void (*)(const uint16_t*, int64_t, const float*, int64_t, co
 
 template <int Tile, int Groups>
 struct FourBit {
-  static constexpr GroupKernel kernel = four_bit_group<Tile, Groups>;
+  static constexpr GroupKernel kernel = four_bit_group<Tile, Groups, false>;
+};
+template <int Tile, int Groups>
+struct SymmetricFourBit {
+  static constexpr GroupKernel kernel = four_bit_group<Tile, Groups, true>;
 };
 template <int Tile, int Groups>
 struct EightBit {
@@ -185,13 +203,13 @@ GroupKernel for_tile(int64_t tile) {
   }
 }
 
-// Each block's sum of 32 bfloat16 inputs, in float32: a bfloat16 is the upper half of a float32.
-AVX512_BF16 void block_sums(const uint16_t* x, size_t count, float* sums) {
+// Each block's sum of 32 bfloat16 inputs, in float32 (a bfloat16 is the upper half of a float32), times `factor`.
+AVX512_BF16 void block_sums(const uint16_t* x, size_t count, float factor, float* sums) {
   for (size_t i = 0; i < count; ++i) {
     const __m512i values = _mm512_loadu_si512(x + i * kBlock);
     const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(values, 16));
     const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(values, _mm512_set1_epi32(0xFFFF0000)));
-    sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
+    sums[i] = factor * _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
   }
 }
 
@@ -201,7 +219,7 @@ bool cpu_has_avx512_bf16() {
 }
 
 template <template <int, int> class Kernel>
-at::Tensor int_groups_mm(const at::Tensor& x, const at::Tensor& weight, int64_t record, bool has_mins,
+at::Tensor int_groups_mm(const at::Tensor& x, const at::Tensor& weight, int64_t record, float sum_factor,
                          const char* op) {
   TORCH_CHECK(cpu_has_avx512_bf16(), op, ": this CPU lacks AVX-512 BF16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.device().is_cpu(), op,
@@ -219,9 +237,9 @@ at::Tensor int_groups_mm(const at::Tensor& x, const at::Tensor& weight, int64_t 
   if (rows == 0 || groups == 0) return y;
 
   const auto* inputs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  // Per-block input sums, for the mins' term (8-bit codes have none).
-  std::vector<float> sums(has_mins ? rows * blocks : 0, 0.0f);
-  block_sums(inputs, sums.size(), sums.data());
+  // Per-block input sums times `sum_factor`, for the mins' or the offset's term (8-bit codes have neither: 0).
+  std::vector<float> sums(sum_factor != 0.0f ? rows * blocks : 0, 0.0f);
+  block_sums(inputs, sums.size(), sum_factor, sums.data());
   const uint8_t* data = weight.data_ptr<uint8_t>();
   float* out = y.data_ptr<float>();
   const int64_t runs = (groups + kPairedGroups - 1) / kPairedGroups;
@@ -241,21 +259,27 @@ at::Tensor int_groups_mm(const at::Tensor& x, const at::Tensor& weight, int64_t 
 }
 
 at::Tensor int4_groups_mm(const at::Tensor& x, const at::Tensor& weight) {
-  return int_groups_mm<FourBit>(x, weight, kFourBitRecord, true, "int4_groups_mm");
+  return int_groups_mm<FourBit>(x, weight, kFourBitRecord, 1.0f, "int4_groups_mm");
+}
+
+at::Tensor int4_symmetric_groups_mm(const at::Tensor& x, const at::Tensor& weight) {
+  return int_groups_mm<SymmetricFourBit>(x, weight, kSymmetricFourBitRecord, -136.0f, "int4_symmetric_groups_mm");
 }
 
 at::Tensor int8_groups_mm(const at::Tensor& x, const at::Tensor& weight) {
-  return int_groups_mm<EightBit>(x, weight, kEightBitRecord, false, "int8_groups_mm");
+  return int_groups_mm<EightBit>(x, weight, kEightBitRecord, 0.0f, "int8_groups_mm");
 }
 
 }  // namespace
 
 TORCH_LIBRARY(recipes_scaffold, m) {
   m.def("int4_groups_mm(Tensor x, Tensor weight) -> Tensor");
+  m.def("int4_symmetric_groups_mm(Tensor x, Tensor weight) -> Tensor");
   m.def("int8_groups_mm(Tensor x, Tensor weight) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(recipes_scaffold, CPU, m) {
   m.impl("int4_groups_mm", &int4_groups_mm);
+  m.impl("int4_symmetric_groups_mm", &int4_symmetric_groups_mm);
   m.impl("int8_groups_mm", &int8_groups_mm);
 }

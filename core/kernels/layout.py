@@ -1,5 +1,5 @@
 """Integer weights laid out for `int_groups_avx512.cpp`: 16 output rows side by side, blocks of 32 inputs, each block
-a record of its codes, float16 scales and (4-bit) float16 mins, and two groups' records alternating.
+a record of its codes, float16 scales and (4-bit, unless symmetric) float16 mins, and two groups' records alternating.
 
 Within a block, the kernel multiplies the 16 rows by one pair of inputs per instruction, so each row's pair of codes
 sits in one 32-bit lane: row r's codes for inputs (2p, 2p + 1) are lane r of pair p's vector. A thread computes whole
@@ -54,6 +54,12 @@ def records(parts: list[torch.Tensor]) -> torch.Tensor:
 def four_bit_layout(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """Codes 0..15 [out, in], scales and mins per block [out, in/32] → the 4-bit kernel's weight."""
     return records([four_bit_codes(codes), block_halves(scales), block_halves(mins)])
+
+
+def symmetric_four_bit_layout(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 [out, in] of the values scale · (code − 8) (llama.cpp's Q4_0), scales per block [out, in/32] →
+    the symmetric 4-bit kernel's weight: no mins."""
+    return records([four_bit_codes(codes), block_halves(scales)])
 
 
 def eight_bit_layout(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 
 from core.errors import SettingsError
 from core.kernels import GROUP, cpu_kernels
-from core.kernels.layout import eight_bit_layout, four_bit_layout
+from core.kernels.layout import eight_bit_layout, four_bit_layout, symmetric_four_bit_layout
 from core.layers.linear import RowParallelLinear, SegmentedColumnLinear
 from core.quantization.base import PackedWeight
 from core.settings import WEIGHT_QUANT, WEIGHT_QUANT_GROUP_SIZES
@@ -71,24 +71,30 @@ class IntGroups(LowBitWeight):
     −128..127 without one.
 
     Runs on our AVX-512 BF16 kernel where the CPU has it (`core.kernels`: scales and mins in float16, as GGUF stores
-    them; exact products), else on torch's int4 kernel (scales and zeros in bfloat16; an 8-bit code is split into
-    two 4-bit terms, code = 16 · high + low, one kernel call each). `int_groups_as_float` is the weight either one
-    multiplies by."""
+    them; exact products; a weight whose mins are all −8 · scale, llama.cpp's Q4_0, on its symmetric form, which
+    reads no mins), else on torch's int4 kernel (scales and zeros in bfloat16; an 8-bit code is split into two 4-bit
+    terms, code = 16 · high + low, one kernel call each). `int_groups_as_float` is the weight either one multiplies
+    by."""
 
     def __init__(self, replaced: nn.Parameter, group: int):
         super().__init__(replaced)
         self.group = group
         self.kernel = int_groups_kernel_for(group)
         self.bits = 0
+        self.symmetric = False
 
     def set_groups(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> None:
         """codes [out, in] (0..15 with `mins`, else −128..127), scales and mins [out, in/group]."""
         self.bits = 4 if mins is not None else 8
         if self.kernel == AVX512_KERNEL:
+            self.symmetric = mins is not None and torch.equal(mins.to(torch.float16), -8 * scales.to(torch.float16))
             per_block = self.group // GROUP
             scales, mins = (None if part is None else part.repeat_interleave(per_block, dim=-1)
                             for part in (scales, mins))
-            layout = four_bit_layout(codes, scales, mins) if mins is not None else eight_bit_layout(codes, scales)
+            if self.symmetric:
+                layout = symmetric_four_bit_layout(codes, scales)
+            else:
+                layout = four_bit_layout(codes, scales, mins) if mins is not None else eight_bit_layout(codes, scales)
             self.register_buffer("blocks", layout, persistent=False)
             return
         terms = torch_int4_terms(codes, scales, mins)
@@ -101,6 +107,8 @@ class IntGroups(LowBitWeight):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == AVX512_KERNEL:
+            if self.symmetric:
+                return torch.ops.recipes_scaffold.int4_symmetric_groups_mm(x, self.blocks)
             if self.bits == 4:
                 return torch.ops.recipes_scaffold.int4_groups_mm(x, self.blocks)
             return torch.ops.recipes_scaffold.int8_groups_mm(x, self.blocks)

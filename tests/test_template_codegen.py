@@ -38,3 +38,22 @@ def test_tuned_graph_parses_each_template_source_once(monkeypatch):
 
     assert parsed, "the tuned graph rendered no GEMM template"
     assert max(parsed.values()) == 1, f"template sources parsed again: {sorted(parsed.values())}"
+
+
+def test_products_of_one_row_take_the_template_without_timing_and_wider_ones_are_timed():
+    """Timing compiles a library per C++ template candidate (core.backends.gemm_choices): a decode step of one
+    sequence skips it, one of four rows still times the template against oneDNN."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 160), nn.ReLU(), nn.Linear(160, 96)).eval()
+    timed = {}
+    for rows in (1, 4):
+        x = torch.randn(1, rows, 96)
+        counters["inductor"].clear()
+        # no timings read from earlier runs' cache
+        with torch.inference_mode(), torch._inductor.config.patch(autotune_local_cache=False):
+            compiled = CpuBackend().compile(model.forward, "inductor")
+            assert torch.allclose(compiled(x), model(x), atol=1e-4)
+        timed[rows] = counters["inductor"]["select_algorithm_autotune"]
+    assert timed == {1: 0, 4: 2}

@@ -7,6 +7,7 @@ import torch
 from torch._inductor import list_mode_options
 
 from core.backends.base import DeviceBackend, one_graph
+from core.backends.gemm_choices import one_row_products_untimed
 from core.backends.huge_pages import graph_constants_on_huge_pages, place_on_huge_pages
 from core.backends.repeated_blocks import compile_blocks_once
 from core.backends.template_codegen import remember_template_parses
@@ -81,6 +82,8 @@ class CpuBackend(DeviceBackend):
         # bypass the FX-graph cache (freezing prepacks the weights as mkldnn tensors, which the cache cannot
         # pickle): every process lowers the graph again, the kernels' timings come from the autotuning cache, and
         # the GEMM template's sources are parsed once per process instead of once per product (template_codegen).
+        # Products of one row take the template without timing it (gemm_choices): it wins them, and timing compiles
+        # a library per candidate (SmolLM2 bf16 from an empty cache: 71 -> 55 s).
         # Without prepacking the graph is cached (SmolLM2 bf16: a second process 14 s to its first tokens instead
         # of 47 s), but the GEMM template is not offered: 21 ms a step instead of 8.5-10. The autotuning table is
         # not printed. The packed copies of the weights a frozen graph holds go onto huge pages where they lie
@@ -91,6 +94,7 @@ class CpuBackend(DeviceBackend):
             return one_graph(forward, {**DECODE_FUSION, **NO_INPUT_CHECKS, **trusted_isa_options()})
 
         remember_template_parses()
+        one_row_products_untimed()
 
         def frozen():
             return torch._inductor.config.patch(freezing=True, autotune_num_choices_displayed=0,

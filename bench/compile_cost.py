@@ -1,6 +1,6 @@
 """Compile cost of the SmolLM2 port in `inductor`: a new process's seconds to its first 32 tokens, cold and warm.
 
-    python bench/compile_cost.py [--configs kept-q4_1 int4 bf16] [--json results/bench_compile_cost.json]
+    python bench/compile_cost.py [--configs kept-q4_1 int4 bf16 fp32] [--json results/bench_compile_cost.json]
 
 For each configuration, two processes in turn share one new, empty inductor cache folder (TORCHINDUCTOR_CACHE_DIR):
 the first compiles everything (cold), the second finds the first one's FX graphs there (warm). A figure is the wall
@@ -24,6 +24,7 @@ CONFIGS = {
     "kept-q4_1": "GGUF Q4_1 codes kept (the demo's configuration)",
     "int4": "weight_quant: int4 on the float import",
     "bf16": "bfloat16 float weights (frozen, max-autotune)",
+    "fp32": "float32 float weights (frozen, max-autotune)",
 }
 PROMPT = "What is the capital of France?"
 NEW_TOKENS = 32
@@ -37,8 +38,10 @@ def child(config: str) -> None:
 
     torch.set_grad_enabled(False)
     options = {"kept-q4_1": {"checkpoint": KEPT_CHECKPOINT, "quant_weight_mode": "packed"},
-               "int4": {"checkpoint": CHECKPOINT, "weight_quant": "int4"}, "bf16": {"checkpoint": CHECKPOINT}}[config]
-    contender = PortContender("bfloat16", "inductor", 1, NEW_TOKENS, **options)
+               "int4": {"checkpoint": CHECKPOINT, "weight_quant": "int4"}, "bf16": {"checkpoint": CHECKPOINT},
+               "fp32": {"checkpoint": CHECKPOINT}}[config]
+    dtype = "float32" if config == "fp32" else "bfloat16"
+    contender = PortContender(dtype, "inductor", 1, NEW_TOKENS, **options)
     contender.runner.model_generate([PROMPT], ignore_eos=True)
     print("READY", flush=True)
     again = contender.runner.model_generate([PROMPT], ignore_eos=True)

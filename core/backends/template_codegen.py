@@ -8,7 +8,8 @@ a compiled Jinja template renders anew on each call, and a sympy expression is i
 text leaves every generated kernel, and so inductor's cache keys, as they were. Frozen graphs bypass inductor's
 FX-graph cache (their prepacked weights cannot be pickled), so every process lowers them again and pays this.
 
-SmolLM2 bf16 batch 1, a process whose autotuning results are cached, 2-core AMD EPYC: compile 52 -> 33 s.
+SmolLM2 bf16 batch 1, a process whose autotuning results are cached, 2-core AMD EPYC, paired runs: compile 52-54 ->
+36-39 s.
 """
 
 from __future__ import annotations

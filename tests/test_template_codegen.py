@@ -21,14 +21,20 @@ class _Block(nn.Module):
 
 
 def test_tuned_graph_parses_each_template_source_once(monkeypatch):
-    parsed = collections.Counter()
-    from_string = jinja2.Environment.from_string
+    """Sources parsed by an earlier compile in this process are not parsed again at all."""
+    parsed, rendered = collections.Counter(), collections.Counter()
+    from_string, render = jinja2.Environment.from_string, jinja2.Template.render
 
-    def counting(self, source, *args, **kwargs):
+    def counting_parses(self, source, *args, **kwargs):
         parsed[source] += 1
         return from_string(self, source, *args, **kwargs)
 
-    monkeypatch.setattr(jinja2.Environment, "from_string", counting)
+    def counting_renders(self, *args, **kwargs):
+        rendered[self] += 1
+        return render(self, *args, **kwargs)
+
+    monkeypatch.setattr(jinja2.Environment, "from_string", counting_parses)
+    monkeypatch.setattr(jinja2.Template, "render", counting_renders)
     torch.manual_seed(0)
     model, x = _Block().eval(), torch.randn(2, 64)
     with torch.inference_mode():
@@ -36,8 +42,8 @@ def test_tuned_graph_parses_each_template_source_once(monkeypatch):
         compiled = CpuBackend().compile(model.forward, "inductor")
         assert torch.allclose(compiled(x), expected, atol=1e-4)
 
-    assert parsed, "the tuned graph rendered no GEMM template"
-    assert max(parsed.values()) == 1, f"template sources parsed again: {sorted(parsed.values())}"
+    assert rendered, "the tuned graph rendered no GEMM template"
+    assert max(parsed.values(), default=0) <= 1, f"template sources parsed again: {sorted(parsed.values())}"
 
 
 def test_products_of_one_row_take_the_template_without_timing_and_wider_ones_are_timed():

@@ -515,13 +515,13 @@ class ModelRunner:
             started = time.perf_counter()
             self._decode(build_input_dict(prompts), max_new_tokens, teacher_tokens, ignore_eos, params)
             compile_seconds = time.perf_counter() - started
-        frames_before = compiled_graphs()
+        graphs_before = compiled_graphs()
         token_rows, lengths, step_logits, timing = self._decode(
             build_input_dict(prompts), max_new_tokens, teacher_tokens, ignore_eos, params, keep_logits,
             self.enable_profiler, stream,
         )
         summary = {**timing.summary(), "compile_s": round(compile_seconds, 3),
-                   "recompiles_after_warmup": compiled_graphs() - frames_before}
+                   "recompiles_after_warmup": compiled_graphs() - graphs_before}
         output_token_ids = [row[:length] for row, length in zip(token_rows, lengths)]
         outputs = self.tokenizer.batch_decode(output_token_ids, skip_special_tokens=True)
         logger.info("%s | compile (warm-up) %.2f s | recompiles after warm-up: %d", timing.report(),

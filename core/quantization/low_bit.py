@@ -93,8 +93,10 @@ class IntGroups(LowBitWeight):
                             for part in (scales, mins))
             if self.symmetric:
                 layout = symmetric_four_bit_layout(codes, scales)
+            elif mins is not None:
+                layout = four_bit_layout(codes, scales, mins)
             else:
-                layout = four_bit_layout(codes, scales, mins) if mins is not None else eight_bit_layout(codes, scales)
+                layout = eight_bit_layout(codes, scales)
             self.register_buffer("blocks", layout, persistent=False)
             return
         terms = torch_int4_terms(codes, scales, mins)

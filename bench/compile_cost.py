@@ -23,8 +23,8 @@ from pathlib import Path
 CONFIGS = {
     "kept-q4_1": "GGUF Q4_1 codes kept (the demo's configuration)",
     "int4": "weight_quant: int4 on the float import",
-    "bf16": "bfloat16 float weights (frozen, max-autotune)",
-    "fp32": "float32 float weights (frozen, max-autotune)",
+    "bf16": "bfloat16 float weights (on the float-rows kernel where the CPU has it)",
+    "fp32": "float32 float weights (on the float-rows kernel where the CPU has it)",
 }
 PROMPT = "What is the capital of France?"
 NEW_TOKENS = 32

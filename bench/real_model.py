@@ -5,7 +5,9 @@
 
 Contenders, per dtype and batch size: (a) HF eager `generate`; (b) HF `generate` with a static cache, which
 then compiles its decode forward with torch.compile (HF's CompileConfig defaults); (c) the port in `eager`; (d) the
-port in `inductor`. With bfloat16 also the port's low-bit linears in `inductor` (torch's CPU kernels, bfloat16
+port in `inductor` (float weights on our AVX-512 kernel where the CPU has it, `core/backends/float_rows.py`); (d')
+the port in `inductor` with `compile_autotune: true` (weights frozen into the graph, inductor's max-autotuned GEMM
+template). With bfloat16 also the port's low-bit linears in `inductor` (torch's CPU kernels, bfloat16
 activations): (e) the GGUF's own Q4_1 / Q8_0 codes kept (`import-gguf --keep-quantized`, `quant_weight_mode:
 packed`); (f) `weight_quant: int4` and (g) `int8`, quantized at load from the float import; and (h) llama.cpp on
 the same GGUF file with the same threads (`pip install llama-cpp-python==0.3.36`, built from source; skipped with a
@@ -46,6 +48,7 @@ from transformers import (
     LogitsProcessorList,
 )
 
+from core.backends.float_rows import FloatRowsWeight
 from core.gguf_import import import_gguf, packaged_smollm2_gguf
 from core.quantization import PackedWeight
 from core.quantization.low_bit import int_groups_kernel_for
@@ -73,6 +76,8 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
     tied = embedding is head
     total = sum(param.numel() * param.element_size() for param in model.parameters())
     total += sum(module.packed_bytes() for module in model.modules() if isinstance(module, PackedWeight))
+    total += sum(module.laid_out.numel() * module.laid_out.element_size()
+                 for module in model.modules() if isinstance(module, FloatRowsWeight))
     return total if tied else total - embedding.numel() * embedding.element_size()
 
 
@@ -163,6 +168,8 @@ def contenders(dtype: str, batch_size: int, new_tokens: int) -> dict:
         "HF static cache + compile": lambda: HfContender(DTYPES[dtype], True, new_tokens),
         "port eager": lambda: PortContender(dtype, "eager", batch_size, new_tokens),
         "port inductor": lambda: PortContender(dtype, "inductor", batch_size, new_tokens),
+        "port inductor, frozen": lambda: PortContender(dtype, "inductor", batch_size, new_tokens,
+                                                       compile_autotune=True),
     }
     if dtype == "bfloat16":
         built["port GGUF Q4_1 kept"] = lambda: PortContender(dtype, "inductor", batch_size, new_tokens,

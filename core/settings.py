@@ -59,8 +59,9 @@ SCHEMA = Section(
                 "weight_quant_group_size": Field(int, default=32, choices=WEIGHT_QUANT_GROUP_SIZES),
                 "device": Field(str, default="auto", choices=DEVICES),
                 # inductor modes: tune kernels while compiling (CPU: frozen weights and max-autotune GEMM templates,
-                # the fastest decode but minutes for a 30-layer model; false: inductor's default kernels, compiled
-                # in seconds). null: the device's choice (CPU: on for float weights; CUDA: off).
+                # recompiled by every process; false: inductor's default kernels, float weights on our AVX-512 kernel
+                # where the CPU has one, and a graph the next process loads from inductor's cache). null: the
+                # device's choice (CPU: on for float weights only without the AVX-512 kernels; CUDA: off).
                 "compile_autotune": Field(bool, default=None, nullable=True),
                 "seed": Field(int, default=42, minimum=0),
                 "custom_params": Field(dict, default={}),

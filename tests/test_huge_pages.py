@@ -90,7 +90,7 @@ def test_a_frozen_graphs_own_copies_of_the_weights_go_onto_huge_pages():
     model, x = nn.Linear(1024, 2048).eval(), torch.randn(1, 1024)
     with torch.inference_mode():
         expected = model(x)
-        compiled = CpuBackend().compile(model.forward, "inductor")
+        compiled = CpuBackend().compile(model.forward, "inductor", autotune=True)
         before = _anon_huge_page_bytes()
         assert torch.allclose(compiled(x), expected, atol=1e-4)
         assert _anon_huge_page_bytes() - before >= 3 * HUGE_PAGE  # the 8 MB weight's packed copy

@@ -39,7 +39,7 @@ def test_tuned_graph_parses_each_template_source_once(monkeypatch):
     model, x = _Block().eval(), torch.randn(2, 64)
     with torch.inference_mode():
         expected = model(x)
-        compiled = CpuBackend().compile(model.forward, "inductor")
+        compiled = CpuBackend().compile(model.forward, "inductor", autotune=True)
         assert torch.allclose(compiled(x), expected, atol=1e-4)
 
     assert rendered, "the tuned graph rendered no GEMM template"
@@ -59,7 +59,7 @@ def test_products_of_one_row_take_the_template_without_timing_and_wider_ones_are
         counters["inductor"].clear()
         # no timings read from earlier runs' cache
         with torch.inference_mode(), torch._inductor.config.patch(autotune_local_cache=False):
-            compiled = CpuBackend().compile(model.forward, "inductor")
+            compiled = CpuBackend().compile(model.forward, "inductor", autotune=True)
             assert torch.allclose(compiled(x), model(x), atol=1e-4)
         timed[rows] = counters["inductor"]["select_algorithm_autotune"]
     assert timed == {1: 0, 4: 2}

@@ -7,6 +7,7 @@ import torch
 from torch._inductor import list_mode_options
 
 from core.backends.base import DeviceBackend, one_graph
+from core.backends.float_rows import float_linears_on_kernel
 from core.backends.gemm_choices import one_row_products_untimed
 from core.backends.huge_pages import graph_constants_on_huge_pages, place_on_huge_pages
 from core.backends.repeated_blocks import compile_blocks_once
@@ -30,8 +31,11 @@ NO_INPUT_CHECKS = {"size_asserts": False, "alignment_asserts": False}
 
 
 def tuned(float_matmuls: bool, autotune: bool | None) -> bool:
-    """Whether a graph is compiled frozen and max-autotuned (float weights by default, see _compile_graph)."""
-    return float_matmuls if autotune is None else autotune
+    """Whether a graph is compiled frozen and max-autotuned: by default float weights where our AVX-512 kernels
+    are not available (see _compile_graph)."""
+    if autotune is not None:
+        return autotune
+    return float_matmuls and cpu_kernels() is not None
 
 
 class CpuBackend(DeviceBackend):
@@ -64,32 +68,42 @@ class CpuBackend(DeviceBackend):
 
     def prepare_for_graphs(self, model: torch.nn.Module, exe_mode: str, dtype: torch.dtype,
                            float_matmuls: bool = True, autotune: bool | None = None) -> None:
-        """Untuned graphs compile each distinct decoder layer once, not once per layer
+        """Untuned graphs multiply by float weights on our AVX-512 kernel where the CPU has it (laid out for it once
+        here, core.backends.float_rows) and compile each distinct decoder layer once, not once per layer
         (core.backends.repeated_blocks). Tuned ones compile every layer: a layer's subgraph takes its weights as
         inputs, which freezing cannot fold and prepack (SmolLM2 bf16: 23 ms a step instead of 8.5)."""
-        if not tuned(float_matmuls, autotune):
-            compile_blocks_once(model)
+        if tuned(float_matmuls, autotune):
+            return
+        if cpu_kernels() is None:
+            laid_out, kept = float_linears_on_kernel(model)
+            self.place_weights(laid_out)
+            if kept:
+                name, why = next(iter(kept.items()))
+                logger.info("%d float linear layers keep torch's product (e.g. %s: %s)", len(kept), name, why)
+        compile_blocks_once(model)
 
     def _compile_graph(self, forward: Callable, exe_mode: str, float_matmuls: bool,
                        autotune: bool | None) -> Callable:
-        # Decode on CPU is a chain of matrix-vector products bound by memory bandwidth. Tuned (float weights by
-        # default): freezing folds the inference-only weights into the graph as constants, and max-autotune then
-        # times, per weight shape, inductor's C++ GEMM template (weights prepacked into its blocked layout)
-        # against MKL: on a 2-core EPYC the template streams SmolLM2's weights at ~85% of the read bandwidth, 2x
-        # generic BLAS (bench/). Freezing must be set in inductor's config (torch.compile(options={"freezing":
-        # True}) does not reach the freezing pass in torch 2.13), and only around this forward's calls —
-        # compilation happens inside them — so that other compiled code keeps its own settings. Frozen graphs
-        # bypass the FX-graph cache (freezing prepacks the weights as mkldnn tensors, which the cache cannot
-        # pickle): every process lowers the graph again, the kernels' timings come from the autotuning cache, and
-        # the GEMM template's sources are parsed once per process instead of once per product (template_codegen).
-        # Products of one row take the template without timing it (gemm_choices): it wins them, and timing compiles
-        # a library per candidate (SmolLM2 bf16 from an empty cache: 71 -> 55 s).
-        # Without prepacking the graph is cached (SmolLM2 bf16: a second process 14 s to its first tokens instead
-        # of 47 s), but the GEMM template is not offered: 21 ms a step instead of 8.5-10. The autotuning table is
-        # not printed. The packed copies of the weights a frozen graph holds go onto huge pages where they lie
-        # (core.backends.huge_pages), as the model's own weights did. Untuned (low-bit linears by default: their
-        # kernels need no prepacking): inductor's default mode, and its FX-graph cache (TORCHINDUCTOR_CACHE_DIR)
-        # serves a second process, and compiles each distinct decoder layer once (prepare_for_graphs).
+        # Decode on CPU is a chain of matrix-vector products bound by memory bandwidth. Untuned (the default where
+        # the CPU has our AVX-512 kernels): float weights are multiplied by our kernel (core.backends.float_rows),
+        # low-bit ones by theirs, and inductor compiles the rest in its default mode; the weights stay graph
+        # inputs, so inductor's FX-graph cache (TORCHINDUCTOR_CACHE_DIR) serves the next process, and each distinct
+        # decoder layer is compiled once (prepare_for_graphs). SmolLM2 bf16 on a 2-core AMD EPYC, paired in one
+        # process against the tuned graph: ready in 11-15 s instead of 37-42 s, a batch-1 step 10.99 ms against
+        # 9.84, a batch-8 step 13.2 against 19.5; fp32 batch 1 22.1 against 21.4.
+        # Tuned (compile_autotune: true, or float weights without our kernels): freezing folds the inference-only
+        # weights into the graph as constants, and max-autotune then times, per weight shape, inductor's C++ GEMM
+        # template (weights prepacked into its blocked layout) against MKL, which streams the weights at ~2x
+        # generic BLAS. Freezing must be set in inductor's config (torch.compile(options={"freezing": True}) does
+        # not reach the freezing pass in torch 2.13), and only around this forward's calls — compilation happens
+        # inside them — so that other compiled code keeps its own settings. Frozen graphs bypass the FX-graph cache
+        # (freezing prepacks the weights as mkldnn tensors, which the cache cannot pickle): every process lowers
+        # the graph again, the kernels' timings come from the autotuning cache, and the GEMM template's sources are
+        # parsed once per process instead of once per product (template_codegen). Products of one row take the
+        # template without timing it (gemm_choices): it wins them, and timing compiles a library per candidate
+        # (SmolLM2 bf16 from an empty cache: 71 -> 55 s). The autotuning table is not printed. The packed copies of
+        # the weights a frozen graph holds go onto huge pages where they lie (core.backends.huge_pages), as the
+        # model's own weights did.
         if not tuned(float_matmuls, autotune):
             return one_graph(forward, {**DECODE_FUSION, **NO_INPUT_CHECKS, **trusted_isa_options()})
 

@@ -2,7 +2,8 @@
 
 `cpu_kernels()` builds (a few seconds, the first time) and loads them, or says why this machine cannot: no AVX-512
 BF16, no C++ compiler, a failed build (its log is kept beside the cache). Callers fall back to torch's own kernels
-then. `int_groups_avx512.cpp`: matrix products with integer weights in groups of 32; `decode_attention_avx512.cpp`:
+then. `int_groups_avx512.cpp`: matrix products with integer weights in groups of 32; `float_rows_avx512.cpp`: with
+bfloat16 or float32 weights in their own layout, for a few activation rows; `decode_attention_avx512.cpp`:
 one query per row attending to a static cache; `row_argmax_avx512.cpp`: greedy decoding's argmax over a row of
 logits.
 """
@@ -24,7 +25,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("int_groups_avx512.cpp", "decode_attention_avx512.cpp", "row_argmax_avx512.cpp")]
+           for name in ("int_groups_avx512.cpp", "float_rows_avx512.cpp", "decode_attention_avx512.cpp",
+                        "row_argmax_avx512.cpp")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c")
 GROUP = 32
 ROWS = 16
@@ -104,6 +106,10 @@ def load_cpu_kernels() -> str | None:
     torch.library.register_fake("recipes_scaffold::int4_groups_mm")(int_groups_output)
     torch.library.register_fake("recipes_scaffold::int4_symmetric_groups_mm")(int_groups_output)
     torch.library.register_fake("recipes_scaffold::int8_groups_mm")(int_groups_output)
+
+    @torch.library.register_fake("recipes_scaffold::float_rows_mm")
+    def _(x, weight):
+        return x.new_empty((x.shape[0], weight.shape[0] // x.shape[1]))
 
     @torch.library.register_fake("recipes_scaffold::decode_attention")
     def _(q, k, v, mask, scale):

@@ -65,3 +65,24 @@ def symmetric_four_bit_layout(codes: torch.Tensor, scales: torch.Tensor) -> torc
 def eight_bit_layout(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Codes −128..127 [out, in], scales per block [out, in/32] → the 8-bit kernel's weight."""
     return records([eight_bit_codes(codes), block_halves(scales)])
+
+
+RUN_ROWS = 32
+FLOAT_STEP = {torch.bfloat16: 2, torch.float32: 1}
+
+
+def float_rows_layout(weight: torch.Tensor) -> torch.Tensor:
+    """A float weight [out, in] (out a multiple of 16) → flat, for `float_rows_avx512.cpp`: runs of 32 rows (16 in
+    the last when out is an odd number of 16s), each run input step by input step (a pair of bfloat16 inputs, or one
+    float32 input), the run's rows side by side within a step."""
+    step = FLOAT_STEP[weight.dtype]
+    runs = weight.split(RUN_ROWS)
+    return torch.cat([run.unflatten(1, (-1, step)).transpose(0, 1).reshape(-1) for run in runs])
+
+
+def float_rows_unlaid(flat: torch.Tensor, rows: int) -> torch.Tensor:
+    """The weight [rows, in] that `float_rows_layout` laid out as `flat`."""
+    step = FLOAT_STEP[flat.dtype]
+    columns = flat.numel() // rows
+    runs = flat.split([min(RUN_ROWS, rows - start) * columns for start in range(0, rows, RUN_ROWS)])
+    return torch.cat([run.view(columns // step, -1, step).transpose(0, 1).reshape(-1, columns) for run in runs])

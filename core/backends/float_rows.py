@@ -1,0 +1,76 @@
+"""Float linear weights multiplied by our AVX-512 kernel (`core/kernels/float_rows_avx512.cpp`) in CPU graphs.
+
+Decode multiplies every weight by a few activation rows, and the weights' bytes bound its time. torch's own fast
+path on CPU (inductor's C++ GEMM template over weights frozen into the graph and prepacked) leaves the graph out of
+inductor's FX-graph cache, so each process lowers it again; the kernel reads the weights in their own layout, as
+graph inputs, so a compiled step is cached like the low-bit ones and each distinct decoder layer is compiled once.
+Many rows (a prompt's prefill) go to torch's GEMM, which blocks for reuse as this kernel does not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.kernels import ROWS
+from core.kernels.layout import FLOAT_STEP, float_rows_layout, float_rows_unlaid
+from core.quantization.low_bit import linear_layers
+
+# Activation rows up to which the kernel multiplies; above, torch's GEMM on the weight laid back is faster.
+FEW_ROWS = 16
+
+
+def float_rows_fit(weight: torch.Tensor) -> str | None:
+    """Why the kernel cannot multiply by `weight`, or None when it can."""
+    if weight.dtype not in FLOAT_STEP:
+        return f"{weight.dtype} weights (the kernel takes {' or '.join(map(str, FLOAT_STEP))})"
+    rows, columns = weight.shape
+    if rows % ROWS:
+        return f"{rows} output rows are not a multiple of {ROWS}"
+    if columns % FLOAT_STEP[weight.dtype]:
+        return f"{columns} input features are not a multiple of {FLOAT_STEP[weight.dtype]}"
+    return None
+
+
+class FloatRowsWeight(nn.Module):
+    """A float linear weight laid out for the kernel, which the layer calls instead of multiplying by it
+    (core.layers.linear.local_linear)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.local_shape = tuple(weight.shape)
+        self.register_buffer("laid_out", float_rows_layout(weight.detach()), persistent=False)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.local_shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.laid_out.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > FEW_ROWS or x.dtype != self.laid_out.dtype:
+            return F.linear(x, float_rows_unlaid(self.laid_out, self.local_shape[0]).to(x.dtype))
+        product = torch.ops.recipes_scaffold.float_rows_mm(flat.contiguous(), self.laid_out)
+        return product.reshape(*x.shape[:-1], self.local_shape[0])
+
+
+def float_linears_on_kernel(model: nn.Module) -> tuple[nn.ModuleList, dict[str, str]]:
+    """Lay each float parallel linear's weight out for the kernel: (the laid-out weights, {layer: why it kept torch's
+    product}). A weight tied to another module (an embedding) stays there as it is, beside the laid-out copy."""
+    laid_out, kept = nn.ModuleList(), {}
+    for name, layer in linear_layers(model):
+        weight = layer.weight
+        if not isinstance(weight, nn.Parameter):
+            continue
+        problem = float_rows_fit(weight)
+        if problem is not None:
+            kept[name] = problem
+            continue
+        del layer._parameters["weight"]
+        layer.weight = FloatRowsWeight(weight)
+        laid_out.append(layer.weight)
+    return laid_out, kept

@@ -40,7 +40,7 @@ def test_the_layout_gives_back_the_weight(dtype):
 
 def test_a_prompt_of_many_rows_multiplies_by_the_weight_itself():
     weight = torch.randn(48, 64).bfloat16()
-    laid_out = FloatRowsWeight(weight)
+    laid_out = FloatRowsWeight(weight, in_place=False)
     few, many = torch.randn(2, FEW_ROWS, 64).bfloat16(), torch.randn(2, 3 * FEW_ROWS, 64).bfloat16()
     assert torch.equal(laid_out(many), F.linear(many, weight))
     torch.testing.assert_close(laid_out(few), F.linear(few, weight), rtol=1e-2, atol=1e-2)
@@ -60,11 +60,23 @@ def test_layers_that_do_not_fit_keep_their_weight_and_say_why():
     model = nn.ModuleDict({"fits": ColumnParallelLinear(64, 32, bias=False),
                            "odd_rows": ColumnParallelLinear(64, 24, bias=False),
                            "float16": ColumnParallelLinear(64, 32, bias=False, dtype=torch.float16)})
-    laid_out, kept = float_linears_on_kernel(model)
-    assert len(laid_out) == 1 and isinstance(model["fits"].weight, FloatRowsWeight)
+    copies, kept = float_linears_on_kernel(model)
+    assert len(copies) == 0 and isinstance(model["fits"].weight, FloatRowsWeight)
     assert kept == {"odd_rows": "24 output rows are not a multiple of 16",
                     "float16": "torch.float16 weights (the kernel takes torch.bfloat16 or torch.float32)"}
     assert isinstance(model["odd_rows"].weight, nn.Parameter)
+
+
+def test_a_weight_tied_to_an_embedding_is_laid_out_beside_it():
+    head = ColumnParallelLinear(64, 32, bias=False)
+    embedding = nn.Embedding(32, 64)
+    embedding.weight = head.weight
+    original = head.weight.detach().clone()
+    model = nn.ModuleDict({"embedding": embedding, "head": head})
+    copies, _ = float_linears_on_kernel(model)
+    assert len(copies) == 1 and torch.equal(embedding.weight, original)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(head(x), F.linear(x, original), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -75,8 +75,8 @@ class CpuBackend(DeviceBackend):
         if tuned(float_matmuls, autotune):
             return
         if cpu_kernels() is None:
-            laid_out, kept = float_linears_on_kernel(model)
-            self.place_weights(laid_out)
+            copies, kept = float_linears_on_kernel(model)
+            self.place_weights(copies)
             if kept:
                 name, why = next(iter(kept.items()))
                 logger.info("%d float linear layers keep torch's product (e.g. %s: %s)", len(kept), name, why)

@@ -37,10 +37,15 @@ class FloatRowsWeight(nn.Module):
     """A float linear weight laid out for the kernel, which the layer calls instead of multiplying by it
     (core.layers.linear.local_linear)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, in_place: bool):
+        """in_place: lay the weight out in its own memory (where it was placed for reading, huge pages on Linux),
+        which nothing else may then read; else in a new tensor."""
         super().__init__()
         self.local_shape = tuple(weight.shape)
-        self.register_buffer("laid_out", float_rows_layout(weight.detach()), persistent=False)
+        laid_out = float_rows_layout(weight.detach())
+        if in_place:
+            laid_out = weight.detach().view(-1).copy_(laid_out)
+        self.register_buffer("laid_out", laid_out, persistent=False)
 
     @property
     def shape(self) -> torch.Size:
@@ -59,9 +64,13 @@ class FloatRowsWeight(nn.Module):
 
 
 def float_linears_on_kernel(model: nn.Module) -> tuple[nn.ModuleList, dict[str, str]]:
-    """Lay each float parallel linear's weight out for the kernel: (the laid-out weights, {layer: why it kept torch's
-    product}). A weight tied to another module (an embedding) stays there as it is, beside the laid-out copy."""
-    laid_out, kept = nn.ModuleList(), {}
+    """Lay each float parallel linear's weight out for the kernel: (the laid-out weights that are new tensors,
+    {layer: why it kept torch's product}). A weight is laid out in its own memory unless another module holds it
+    too (an embedding tied to the LM head), which keeps it as it is beside the laid-out copy."""
+    holders: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        holders[id(param)] = holders.get(id(param), 0) + 1
+    copies, kept = nn.ModuleList(), {}
     for name, layer in linear_layers(model):
         weight = layer.weight
         if not isinstance(weight, nn.Parameter):
@@ -70,7 +79,9 @@ def float_linears_on_kernel(model: nn.Module) -> tuple[nn.ModuleList, dict[str, 
         if problem is not None:
             kept[name] = problem
             continue
+        shared = holders[id(weight)] > 1 or not weight.is_contiguous()
         del layer._parameters["weight"]
-        layer.weight = FloatRowsWeight(weight)
-        laid_out.append(layer.weight)
-    return laid_out, kept
+        layer.weight = FloatRowsWeight(weight, in_place=not shared)
+        if shared:
+            copies.append(layer.weight)
+    return copies, kept

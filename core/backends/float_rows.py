@@ -2,23 +2,21 @@
 
 Decode multiplies every weight by a few activation rows, and the weights' bytes bound its time. torch's own fast
 path on CPU (inductor's C++ GEMM template over weights frozen into the graph and prepacked) leaves the graph out of
-inductor's FX-graph cache, so each process lowers it again; the kernel reads the weights in their own layout, as
-graph inputs, so a compiled step is cached like the low-bit ones and each distinct decoder layer is compiled once.
-Many rows (a prompt's prefill) go to torch's GEMM, which blocks for reuse as this kernel does not.
+inductor's FX-graph cache, so each process lowers it again. The kernel reads weights laid out for it once, before the
+first compile, and they stay graph inputs: a compiled step is cached like the low-bit ones, and each distinct decoder
+layer is compiled once.
+A prompt's many rows go through the kernel too, eight at a time over each run of weights held in cache: on a 2-core
+AMD EPYC without AMX it beat torch's GEMM (oneDNN) on SmolLM2's shapes up to 256 rows, bf16 and fp32.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from core.kernels import ROWS
-from core.kernels.layout import FLOAT_STEP, float_rows_layout, float_rows_unlaid
+from core.kernels.layout import FLOAT_STEP, float_rows_layout
 from core.quantization.low_bit import linear_layers
-
-# Activation rows up to which the kernel multiplies; above, torch's GEMM on the weight laid back is faster.
-FEW_ROWS = 16
 
 
 def float_rows_fit(weight: torch.Tensor) -> str | None:
@@ -56,11 +54,9 @@ class FloatRowsWeight(nn.Module):
         return self.laid_out.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > FEW_ROWS or x.dtype != self.laid_out.dtype:
-            return F.linear(x, float_rows_unlaid(self.laid_out, self.local_shape[0]).to(x.dtype))
-        product = torch.ops.recipes_scaffold.float_rows_mm(flat.contiguous(), self.laid_out)
-        return product.reshape(*x.shape[:-1], self.local_shape[0])
+        flat = x.reshape(-1, x.shape[-1]).to(self.laid_out.dtype).contiguous()
+        product = torch.ops.recipes_scaffold.float_rows_mm(flat, self.laid_out)
+        return product.to(x.dtype).reshape(*x.shape[:-1], self.local_shape[0])
 
 
 def float_linears_on_kernel(model: nn.Module) -> tuple[nn.ModuleList, dict[str, str]]:

@@ -1,5 +1,6 @@
-// Matrix products with bfloat16 (AVX-512 BF16) or float32 (AVX-512F) weights for the decode step's few activation
-// rows: y[m, n] = sum_k x[m, k] w[n, k], accumulated in float32, y in x's dtype.
+// Matrix products with bfloat16 (AVX-512 BF16) or float32 (AVX-512F) weights: y[m, n] = sum_k x[m, k] w[n, k],
+// accumulated in float32, y in x's dtype. Made for the decode step's few activation rows; a prompt's rows take eight
+// at a time over each run of weights, which stays in cache.
 //
 // Decode reads every weight once a step and does a few multiply-adds per weight byte: the weights' bytes bound its
 // time. torch's fast path for such products (inductor's C++ GEMM template on weights frozen into the graph and

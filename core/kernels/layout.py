@@ -76,13 +76,7 @@ def float_rows_layout(weight: torch.Tensor) -> torch.Tensor:
     the last when out is an odd number of 16s), each run input step by input step (a pair of bfloat16 inputs, or one
     float32 input), the run's rows side by side within a step."""
     step = FLOAT_STEP[weight.dtype]
-    runs = weight.split(RUN_ROWS)
-    return torch.cat([run.unflatten(1, (-1, step)).transpose(0, 1).reshape(-1) for run in runs])
+    whole = weight.shape[0] - weight.shape[0] % RUN_ROWS
+    runs = [weight[:whole].unflatten(0, (-1, RUN_ROWS)), weight[whole:].unsqueeze(0)]
+    return torch.cat([run.unflatten(2, (-1, step)).transpose(1, 2).reshape(-1) for run in runs])
 
-
-def float_rows_unlaid(flat: torch.Tensor, rows: int) -> torch.Tensor:
-    """The weight [rows, in] that `float_rows_layout` laid out as `flat`."""
-    step = FLOAT_STEP[flat.dtype]
-    columns = flat.numel() // rows
-    runs = flat.split([min(RUN_ROWS, rows - start) * columns for start in range(0, rows, RUN_ROWS)])
-    return torch.cat([run.view(columns // step, -1, step).transpose(0, 1).reshape(-1, columns) for run in runs])

@@ -1,9 +1,9 @@
 """Our own CPU kernels, C++ compiled once per machine and torch release, registered as `torch.ops.recipes_scaffold`.
 
-`cpu_kernels()` builds (a few seconds, the first time) and loads them, or says why this machine cannot: no AVX-512
+`cpu_kernels()` builds (~40 s on 2 cores, the first time) and loads them, or says why this machine cannot: no AVX-512
 BF16, no C++ compiler, a failed build (its log is kept beside the cache). Callers fall back to torch's own kernels
 then. `int_groups_avx512.cpp`: matrix products with integer weights in groups of 32; `float_rows_avx512.cpp`: with
-bfloat16 or float32 weights in their own layout, for a few activation rows; `decode_attention_avx512.cpp`:
+bfloat16 or float32 weights laid out in runs of 32 rows; `decode_attention_avx512.cpp`:
 one query per row attending to a static cache; `row_argmax_avx512.cpp`: greedy decoding's argmax over a row of
 logits.
 """
@@ -67,7 +67,7 @@ def built_library() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log = target.with_suffix(".log")
-    print("building the AVX-512 CPU kernels (once per machine, a few seconds)", file=sys.stderr)
+    print("building the AVX-512 CPU kernels (once per machine, under a minute)", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         partial = Path(scratch) / target.name
         command = compile_command(SOURCES, partial)

@@ -49,10 +49,6 @@ class FloatRowsWeight(nn.Module):
     def shape(self) -> torch.Size:
         return torch.Size(self.local_shape)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.laid_out.dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(self.laid_out.dtype).contiguous()
         product = torch.ops.recipes_scaffold.float_rows_mm(flat, self.laid_out)

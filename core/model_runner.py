@@ -177,6 +177,7 @@ class ModelRunner:
             self._init_model_with_offline_splited_weight(config)
         self._process_weight_after_loading()
         self.graph_compile()
+        self.backend.place_weights(self.model)
         self.init_tokenizer()
 
     def load_hf_config(self, config_class: type[PreTrainedConfig]) -> PreTrainedConfig:
@@ -260,7 +261,6 @@ class ModelRunner:
         self.scale_dtype_adapter()
         self.to_device()
         self.cast_format()
-        self.backend.place_weights(self.model)
 
     def quantize_weights(self) -> None:
         """`weight_quant`: this rank's float linear weights become int8 / int4 (torch's CPU kernels)."""

@@ -1,6 +1,7 @@
 """Weights moved onto transparent huge pages (core.backends.huge_pages): the model computes the same, tied weights
-stay one tensor, each weight keeps a storage of its own, and the memory is advised for huge pages; memory that
-cannot move (a frozen graph's packed weights) is backed by huge pages where it lies."""
+stay one tensor, each weight keeps a storage of its own, and the memory is advised for huge pages; weights a graph
+takes as inputs move after its first call, onto memory made ready meanwhile; memory that cannot move (a frozen
+graph's packed weights) is backed by huge pages where it lies."""
 
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from core.backends import huge_pages
 from core.backends.cpu import CpuBackend
 from core.backends.huge_pages import (HUGE_PAGE, collapse_into_huge_pages, huge_pages_on_request, kernel_collapses,
                                        place_on_huge_pages)
@@ -59,6 +61,41 @@ def test_moved_weights_compute_the_same_and_stay_tied():
     assert all(_advised_for_huge_pages(tensor.data_ptr()) for tensor in model.parameters())
     with torch.inference_mode():
         assert torch.equal(model(tokens), before)
+
+
+@pytest.mark.skipif(not huge_pages_on_request(), reason="this kernel's huge pages are not in madvise mode")
+def test_graph_inputs_move_after_the_first_compiled_call():
+    torch.manual_seed(0)
+    model = TiedModel().eval()
+    tokens = torch.randint(0, 4096, (2, 5))
+    with torch.inference_mode():
+        expected = model(tokens)
+    backend = CpuBackend()
+    backend.weights_are_graph_inputs = True
+    address = model.embed.weight.data_ptr()
+
+    backend.place_weights(model)
+    compiled = backend.compile(model.forward, "inductor", float_matmuls=False, autotune=False)
+
+    assert backend.moving is not None and model.embed.weight.data_ptr() == address
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(tokens), expected)
+        assert backend.moving is None and model.head.weight is model.embed.weight
+        assert all(_advised_for_huge_pages(tensor.data_ptr()) for tensor in model.parameters())
+        torch.testing.assert_close(compiled(tokens), expected)
+
+
+@pytest.mark.skipif(not huge_pages_on_request(), reason="this kernel's huge pages are not in madvise mode")
+def test_weights_that_would_not_fit_in_memory_twice_move_at_once(monkeypatch):
+    monkeypatch.setattr(huge_pages, "_available_memory", lambda: 0)
+    model = TiedModel().eval()
+    backend = CpuBackend()
+    backend.weights_are_graph_inputs = True
+
+    backend.place_weights(model)
+
+    assert backend.moving is None
+    assert all(_advised_for_huge_pages(tensor.data_ptr()) for tensor in model.parameters())
 
 
 def test_a_model_under_one_huge_page_stays_where_it_is():

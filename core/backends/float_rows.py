@@ -36,8 +36,8 @@ class FloatRowsWeight(nn.Module):
     (core.layers.linear.local_linear)."""
 
     def __init__(self, weight: torch.Tensor, in_place: bool):
-        """in_place: lay the weight out in its own memory (where it was placed for reading, huge pages on Linux),
-        which nothing else may then read; else in a new tensor."""
+        """in_place: lay the weight out in its own memory, which nothing else may then read; else in a new
+        tensor."""
         super().__init__()
         self.local_shape = tuple(weight.shape)
         laid_out = float_rows_layout(weight.detach())
@@ -55,14 +55,14 @@ class FloatRowsWeight(nn.Module):
         return product.to(x.dtype).reshape(*x.shape[:-1], self.local_shape[0])
 
 
-def float_linears_on_kernel(model: nn.Module) -> tuple[nn.ModuleList, dict[str, str]]:
-    """Lay each float parallel linear's weight out for the kernel: (the laid-out weights that are new tensors,
-    {layer: why it kept torch's product}). A weight is laid out in its own memory unless another module holds it
-    too (an embedding tied to the LM head), which keeps it as it is beside the laid-out copy."""
+def float_linears_on_kernel(model: nn.Module) -> dict[str, str]:
+    """Lay each float parallel linear's weight out for the kernel; returns {layer: why it kept torch's product}. A
+    weight is laid out in its own memory unless another module holds it too (an embedding tied to the LM head),
+    which keeps it as it is beside the laid-out copy."""
     holders: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         holders[id(param)] = holders.get(id(param), 0) + 1
-    copies, kept = nn.ModuleList(), {}
+    kept = {}
     for name, layer in linear_layers(model):
         weight = layer.weight
         if not isinstance(weight, nn.Parameter):
@@ -74,6 +74,4 @@ def float_linears_on_kernel(model: nn.Module) -> tuple[nn.ModuleList, dict[str, 
         shared = holders[id(weight)] > 1 or not weight.is_contiguous()
         del layer._parameters["weight"]
         layer.weight = FloatRowsWeight(weight, in_place=not shared)
-        if shared:
-            copies.append(layer.weight)
-    return copies, kept
+    return kept

@@ -11,8 +11,8 @@ from torch import nn
 
 from core.backends import huge_pages
 from core.backends.cpu import CpuBackend
-from core.backends.huge_pages import (HUGE_PAGE, collapse_into_huge_pages, huge_pages_on_request, kernel_collapses,
-                                       place_on_huge_pages)
+from core.backends.huge_pages import (HUGE_PAGE, HugePageMove, collapse_into_huge_pages, huge_pages_on_request,
+                                       kernel_collapses, place_on_huge_pages)
 
 
 class TiedModel(nn.Module):
@@ -96,6 +96,20 @@ def test_weights_that_would_not_fit_in_memory_twice_move_at_once(monkeypatch):
 
     assert backend.moving is None
     assert all(_advised_for_huge_pages(tensor.data_ptr()) for tensor in model.parameters())
+
+
+@pytest.mark.skipif(not huge_pages_on_request(), reason="this kernel's huge pages are not in madvise mode")
+def test_a_weight_replaced_after_the_plan_stays_where_it_is():
+    model = TiedModel().eval()
+    move = HugePageMove.plan(model)
+    model.blocks[0].weight = nn.Parameter(torch.randn(512, 256))
+    replaced = model.blocks[0].weight.detach().clone()
+
+    move.finish()
+
+    assert not _advised_for_huge_pages(model.blocks[0].weight.data_ptr())
+    assert torch.equal(model.blocks[0].weight, replaced)
+    assert _advised_for_huge_pages(model.blocks[1].weight.data_ptr())
 
 
 def test_a_model_under_one_huge_page_stays_where_it_is():

@@ -73,8 +73,9 @@ class HugePageMove:
     538 MB of float32 weights: 4.5 s on a 2-core AMD EPYC VM, where 4 KiB pages take 0.3 s and huge pages freed a
     moment before 0.05 s), time the compile that follows the load can hide."""
 
-    def __init__(self, places: dict[int, list[tuple[dict, str, bool]]], offsets: dict[int, int], total: int):
-        self.places, self.offsets, self.total = places, offsets, total
+    def __init__(self, places: dict[int, list[tuple[dict, str, bool]]], slots: dict[int, tuple[int, int]],
+                 total: int):
+        self.places, self.slots, self.total = places, slots, total
         # Private: a shared anonymous mapping is shmem, which huge pages do not back by default.
         self.mapping = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.mapping.madvise(mmap.MADV_HUGEPAGE)
@@ -87,10 +88,10 @@ class HugePageMove:
         one huge page of weights, advice refused)."""
         if not huge_pages_on_request():
             return None
-        # Each tensor by its places (a tied weight has two), and its slot; no reference to the tensor is kept here,
-        # so that each old copy is freed as soon as it has moved.
+        # Each tensor by its places (a tied weight has two), and its slot (offset, bytes); no reference to the tensor
+        # is kept here, so that each old copy is freed as soon as it has moved.
         places: dict[int, list[tuple[dict, str, bool]]] = {}
-        offsets: dict[int, int] = {}
+        slots: dict[int, tuple[int, int]] = {}
         total = 0
         for module in model.modules():
             for is_parameter, table in ((True, module._parameters), (False, module._buffers)):
@@ -98,13 +99,14 @@ class HugePageMove:
                     if tensor is None or tensor.numel() == 0 or not _movable(tensor):
                         continue
                     if id(tensor) not in places:
-                        places[id(tensor)], offsets[id(tensor)] = [], total
-                        total = -(-(total + tensor.numel() * tensor.element_size()) // ALIGNMENT) * ALIGNMENT
+                        nbytes = tensor.numel() * tensor.element_size()
+                        places[id(tensor)], slots[id(tensor)] = [], (total, nbytes)
+                        total = -(-(total + nbytes) // ALIGNMENT) * ALIGNMENT
                     places[id(tensor)].append((table, name, is_parameter))
         if total < HUGE_PAGE:
             return None
         try:
-            return cls(places, offsets, total)
+            return cls(places, slots, total)
         except (AttributeError, OSError) as error:
             logger.info("huge pages refused (%s): weights stay where they are", error)
             return None
@@ -121,24 +123,28 @@ class HugePageMove:
         return True
 
     def finish(self) -> int:
-        """Move every planned tensor into the mapping; returns the bytes moved."""
+        """Move every planned tensor into the mapping; returns the bytes moved. A tensor replaced since the plan by
+        one of another size stays where it is."""
         if self.preparing is not None:
             self.preparing.join()
-        start = -self.address % HUGE_PAGE
+        start, moved_bytes = -self.address % HUGE_PAGE, 0
         for key, tensor_places in self.places.items():
             table, name, _ = tensor_places[0]
-            tensor = table[name]
-            moved = torch.frombuffer(self.mapping, dtype=tensor.dtype, count=tensor.numel(),
-                                     offset=start + self.offsets[key])
+            tensor = table.get(name)
+            offset, nbytes = self.slots[key]
+            if tensor is None or not _movable(tensor) or tensor.numel() * tensor.element_size() != nbytes:
+                continue
+            moved = torch.frombuffer(self.mapping, dtype=tensor.dtype, count=tensor.numel(), offset=start + offset)
             moved = moved.view(tensor.shape).copy_(tensor)
             for table, name, is_parameter in tensor_places:
                 if is_parameter:
                     table[name].data = moved
                 else:
                     table[name] = moved
+            moved_bytes += nbytes
             del tensor
         self.places.clear()
-        return self.total
+        return moved_bytes
 
 
 @functools.cache

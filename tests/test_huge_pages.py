@@ -3,6 +3,7 @@ stay one tensor, each weight keeps a storage of its own, and the memory is advis
 takes as inputs move after its first call, onto memory made ready meanwhile; memory that cannot move (a frozen
 graph's packed weights) is backed by huge pages where it lies."""
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -71,11 +72,11 @@ def test_graph_inputs_move_after_the_first_compiled_call():
     with torch.inference_mode():
         expected = model(tokens)
     backend = CpuBackend()
-    backend.weights_are_graph_inputs = True
     address = model.embed.weight.data_ptr()
 
-    backend.place_weights(model)
+    backend.prepare_for_graphs(model, "inductor", torch.float32, float_matmuls=False, autotune=False)
     compiled = backend.compile(model.forward, "inductor", float_matmuls=False, autotune=False)
+    backend.place_weights(model)
 
     assert backend.moving is not None and model.embed.weight.data_ptr() == address
     with torch.inference_mode():
@@ -90,7 +91,7 @@ def test_weights_that_would_not_fit_in_memory_twice_move_at_once(monkeypatch):
     monkeypatch.setattr(huge_pages, "_available_memory", lambda: 0)
     model = TiedModel().eval()
     backend = CpuBackend()
-    backend.weights_are_graph_inputs = True
+    backend.prepare_for_graphs(model, "inductor", torch.float32, float_matmuls=False, autotune=False)
 
     backend.place_weights(model)
 
@@ -119,6 +120,7 @@ def test_a_model_under_one_huge_page_stays_where_it_is():
 
 
 def _anon_huge_page_bytes() -> int:
+    gc.collect()  # huge pages an earlier test's unreachable model still holds must not go between two counts
     text = Path("/proc/self/smaps_rollup").read_text()
     return next(int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith("AnonHugePages:"))
 

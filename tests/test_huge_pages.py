@@ -32,6 +32,14 @@ class TiedModel(nn.Module):
         return self.head(hidden)
 
 
+def _tied_model_and_logits() -> tuple[TiedModel, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = TiedModel().eval()
+    tokens = torch.randint(0, 4096, (2, 5))
+    with torch.inference_mode():
+        return model, tokens, model(tokens)
+
+
 def _advised_for_huge_pages(address: int) -> bool:
     """Whether the mapping holding `address` carries the huge-page advice (VmFlags "hg")."""
     inside = False
@@ -46,11 +54,7 @@ def _advised_for_huge_pages(address: int) -> bool:
 
 @pytest.mark.skipif(not huge_pages_on_request(), reason="this kernel's huge pages are not in madvise mode")
 def test_moved_weights_compute_the_same_and_stay_tied():
-    torch.manual_seed(0)
-    model = TiedModel().eval()
-    tokens = torch.randint(0, 4096, (2, 5))
-    with torch.inference_mode():
-        before = model(tokens)
+    model, tokens, before = _tied_model_and_logits()
     embedding_parameter = model.embed.weight
 
     moved = place_on_huge_pages(model)
@@ -66,11 +70,7 @@ def test_moved_weights_compute_the_same_and_stay_tied():
 
 @pytest.mark.skipif(not huge_pages_on_request(), reason="this kernel's huge pages are not in madvise mode")
 def test_graph_inputs_move_after_the_first_compiled_call():
-    torch.manual_seed(0)
-    model = TiedModel().eval()
-    tokens = torch.randint(0, 4096, (2, 5))
-    with torch.inference_mode():
-        expected = model(tokens)
+    model, tokens, expected = _tied_model_and_logits()
     backend = CpuBackend()
     address = model.embed.weight.data_ptr()
 

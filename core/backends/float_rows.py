@@ -11,6 +11,8 @@ AMD EPYC without AMX it beat torch's GEMM (oneDNN) on SmolLM2's shapes up to 256
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -59,9 +61,7 @@ def float_linears_on_kernel(model: nn.Module) -> dict[str, str]:
     """Lay each float parallel linear's weight out for the kernel; returns {layer: why it kept torch's product}. A
     weight is laid out in its own memory unless another module holds it too (an embedding tied to the LM head),
     which keeps it as it is beside the laid-out copy."""
-    holders: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        holders[id(param)] = holders.get(id(param), 0) + 1
+    holders = Counter(id(param) for _, param in model.named_parameters(remove_duplicate=False))
     kept = {}
     for name, layer in linear_layers(model):
         weight = layer.weight

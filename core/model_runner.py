@@ -292,8 +292,10 @@ class ModelRunner:
         if self.exe_mode != "eager":
             self.backend.prepare_for_graphs(self.model, self.exe_mode, self.dtype, float_matmuls, autotune)
         self.decode_forward = self.backend.compile(self.prepared_logits, self.exe_mode, float_matmuls, autotune)
-        self.greedy_decode_forward = (self.backend.compile(self.prepared_greedy_step, self.exe_mode, float_matmuls,
-                                                           autotune)
+        ahead_of_time = self.runner_settings["model_config"]["aot_decode_step"]
+        self.greedy_decode_forward = (self.backend.compile_greedy_step(self.prepared_greedy_step, self.model,
+                                                                       self.exe_mode, float_matmuls, autotune,
+                                                                       ahead_of_time)
                                       if self.backend.greedy_step_in_graph else None)
         self.prefill_forward = (self.backend.compile(self.prepared_logits, self.exe_mode, float_matmuls, autotune)
                                 if self.backend.compiles_prefill else self.prepared_logits)

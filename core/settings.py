@@ -63,6 +63,9 @@ SCHEMA = Section(
                 # where the CPU has one, and a graph the next process loads from inductor's cache). null: the
                 # device's choice (CPU: on for float weights only without the AVX-512 kernels; CUDA: off).
                 "compile_autotune": Field(bool, default=None, nullable=True),
+                # inductor mode: the greedy decode step compiled ahead of time (CPU: an AOTInductor library whose C++
+                # calls the kernels, core/backends/aot_step.py); null: the device's choice (CPU: on).
+                "aot_decode_step": Field(bool, default=None, nullable=True),
                 "seed": Field(int, default=42, minimum=0),
                 "custom_params": Field(dict, default={}),
             }

@@ -76,6 +76,14 @@ class DeviceBackend:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, MAX_GRAPHS_PER_FORWARD)
         return self._compile_graph(_own_code(forward), exe_mode, float_matmuls, autotune)
 
+    def compile_greedy_step(self, forward: Callable, model: torch.nn.Module, exe_mode: str,
+                            float_matmuls: bool = True, autotune: bool | None = None,
+                            ahead_of_time: bool | None = None) -> Callable:
+        """`compile` for a whole greedy decode step (ModelRunner.prepared_greedy_step) of `model`. ahead_of_time:
+        compile it ahead of time where the device can (model_config.aot_decode_step); None leaves it to the
+        device."""
+        return self.compile(forward, exe_mode, float_matmuls, autotune)
+
     def _compile_graph(self, forward: Callable, exe_mode: str, float_matmuls: bool,
                        autotune: bool | None) -> Callable:
         raise NotImplementedError(f"{self.name} has no graph mode {exe_mode}")

@@ -10,7 +10,9 @@ layer among full ones) gets a subgraph of its own. SmolLM2 with its GGUF Q4_1 we
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 from torch import compiler, nn
 
@@ -49,3 +51,15 @@ def compile_blocks_once(model: nn.Module) -> None:
     """Route each repeated block's forward through the compile region."""
     for block in repeated_blocks(model):
         block.forward = functools.partial(_REGION, block, _TRACED_EACH_CALL)
+
+
+@contextlib.contextmanager
+def blocks_inlined(model: nn.Module) -> Iterator[None]:
+    """The repeated blocks' own forwards while inside: `torch.export` traces them as plain code, where each region
+    would cost it a dynamo trace of its own (SmolLM2's 30 layers: ~19 s against ~4 s)."""
+    regions = {block: block.__dict__.pop("forward") for block in repeated_blocks(model) if "forward" in block.__dict__}
+    try:
+        yield
+    finally:
+        for block, forward in regions.items():
+            block.forward = forward

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
 from transformers.initialization import no_init_weights
 
 from core.backends import select_backend
+from core.backends.aot_step import AotGreedyStep
 from core.distributed import LaunchEnvironment, init_parallel_groups
 from core.errors import CheckpointError, SettingsError
 from core.kv_cache import StaticKVCache
@@ -40,10 +41,10 @@ logger = logging.getLogger(__name__)
 
 
 def compiled_graphs() -> int:
-    """How many graphs torch.compile has compiled in this process (each recompilation adds one). Dynamo counts
-    frames only where it may fall back to eager; a `fullgraph=True` compile (core.backends.base.one_graph) adds to
-    the graph count alone."""
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    """How many graphs torch.compile has compiled in this process (each recompilation adds one), and decode steps
+    compiled ahead of time (core.backends.aot_step). Dynamo counts frames only where it may fall back to eager; a
+    `fullgraph=True` compile (core.backends.base.one_graph) adds to the graph count alone."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"] + AotGreedyStep.loaded
 
 
 # A prompt: a text, or a chat as a list of {"role": ..., "content": ...} messages.

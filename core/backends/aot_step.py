@@ -49,6 +49,10 @@ class AotGreedyStep:
     """`forward(input_dict, finished, pad_token_id)` (ModelRunner.prepared_greedy_step) run as an AOTInductor
     library, one per input signature; `fallback` (the same step under torch.compile) where it cannot be."""
 
+    # Libraries this process has exported and loaded: each is a compiled graph, as torch.compile's are counted
+    # (core.model_runner.compiled_graphs).
+    loaded = 0
+
     def __init__(self, forward: GreedyStep, model: nn.Module, fallback: GreedyStep, options: dict[str, Any],
                  before_loading: Callable[[], None] = lambda: None):
         """before_loading: runs before the library takes the model's tensors as its constants (the weights' move
@@ -110,6 +114,7 @@ class AotGreedyStep:
         held = {fqn: constants[fqn] for fqn in compiled.get_constant_fqns()}
         compiled.load_constants(held, check_full_update=True, user_managed=True)
         logger.info("decode step compiled ahead of time: %s", package.name)
+        AotGreedyStep.loaded += 1
         return _LoadedStep(compiled, names, held)
 
     def _package(self, exported: torch.export.ExportedProgram) -> Path:

@@ -16,7 +16,7 @@ from core.backends.repeated_blocks import compile_blocks_once
 from core.backends.template_codegen import remember_template_parses
 from core.backends.vector_isa import trusted_isa_options
 from core.decode_attention import CPU_DECODE
-from core.kernels import cpu_kernels
+from core.kernels import c_shim_options, cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,8 @@ class CpuBackend(DeviceBackend):
         compiled = self.compile(forward, exe_mode, float_matmuls, autotune)
         if exe_mode == "eager" or tuned(float_matmuls, autotune) or ahead_of_time is False:
             return compiled
-        return AotGreedyStep(forward, model, compiled, self._untuned_options(), before_loading=self._finish_placing)
+        return AotGreedyStep(forward, model, compiled, {**self._untuned_options(), **c_shim_options()},
+                             before_loading=self._finish_placing)
 
     @staticmethod
     def _untuned_options() -> dict:

@@ -5,11 +5,13 @@ BF16, no C++ compiler, a failed build (its log is kept beside the cache). Caller
 then. `int_groups_avx512.cpp`: matrix products with integer weights in groups of 32; `float_rows_avx512.cpp`: with
 bfloat16 or float32 weights laid out in runs of 32 rows; `decode_attention_avx512.cpp`:
 one query per row attending to a static cache; `row_argmax_avx512.cpp`: greedy decoding's argmax over a row of
-logits.
+logits. Each op also has a C entry point (`aoti_shim.h`) that a decode step compiled ahead of time calls directly
+(`c_shim_options`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import logging
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
            for name in ("int_groups_avx512.cpp", "float_rows_avx512.cpp", "decode_attention_avx512.cpp",
                         "row_argmax_avx512.cpp")]
+HEADERS = [Path(__file__).with_name("aoti_shim.h")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c")
 GROUP = 32
 ROWS = 16
@@ -60,7 +63,7 @@ def compile_command(sources: list[Path], target: Path) -> list[str]:
 
 def built_library() -> Path:
     """The compiled kernel library, built into the cache when this source, torch and Python have none yet."""
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = hashlib.sha256(sources + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_kernels_avx512-{key}.so"
     if target.exists():
@@ -96,7 +99,10 @@ def load_cpu_kernels() -> str | None:
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         return "no C++ compiler (g++) to build it"
     try:
-        torch.ops.load_library(str(built_library()))
+        library = built_library()
+        torch.ops.load_library(str(library))
+        # Global, so that a library AOTInductor compiled against the kernels' C entry points finds them.
+        ctypes.CDLL(str(library), mode=os.RTLD_GLOBAL | os.RTLD_NOW)
     except (RuntimeError, OSError) as error:
         return str(error)
 
@@ -120,3 +126,25 @@ def load_cpu_kernels() -> str | None:
         return logits.new_empty(logits.shape[:1], dtype=torch.long)
 
     return None
+
+
+C_SHIMS = {
+    "int4_groups_mm": "AtenTensorHandle x, AtenTensorHandle weight",
+    "int4_symmetric_groups_mm": "AtenTensorHandle x, AtenTensorHandle weight",
+    "int8_groups_mm": "AtenTensorHandle x, AtenTensorHandle weight",
+    "float_rows_mm": "AtenTensorHandle x, AtenTensorHandle weight",
+    "decode_attention": "AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v, AtenTensorHandle mask, "
+                        "double scale",
+    "row_argmax": "AtenTensorHandle logits",
+}
+
+
+def c_shim_options() -> dict:
+    """AOTInductor's options for calling the kernels through their C entry points (`aoti_shim.h`); none where the
+    kernels are not loaded."""
+    if cpu_kernels() is not None:
+        return {}
+    return {"aot_inductor.custom_ops_to_c_shims": {
+        getattr(torch.ops.recipes_scaffold, op).default:
+            [f"AOTITorchError aoti_torch_cpu_{op}({arguments}, AtenTensorHandle* result)"]
+        for op, arguments in C_SHIMS.items()}}

@@ -21,6 +21,8 @@
 #include <limits>
 #include <vector>
 
+#include "aoti_shim.h"
+
 namespace {
 
 constexpr int64_t kLanes = 16;
@@ -378,3 +380,11 @@ TORCH_LIBRARY_FRAGMENT(recipes_scaffold, m) {
 }
 
 TORCH_LIBRARY_IMPL(recipes_scaffold, CPU, m) { m.impl("decode_attention", &decode_attention); }
+
+extern "C" AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v,
+                                                          AtenTensorHandle mask, double scale,
+                                                          AtenTensorHandle* result) {
+  using recipes_scaffold::tensor_of;
+  return recipes_scaffold::shim_call(result, decode_attention, tensor_of(q), tensor_of(k), tensor_of(v),
+                                     tensor_of(mask), scale);
+}

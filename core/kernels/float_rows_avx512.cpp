@@ -26,6 +26,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "aoti_shim.h"
+
 namespace {
 
 constexpr int64_t kRows = 16;     // output rows a vector holds
@@ -171,3 +173,9 @@ at::Tensor float_rows_mm(const at::Tensor& x, const at::Tensor& weight) {
 TORCH_LIBRARY_FRAGMENT(recipes_scaffold, m) { m.def("float_rows_mm(Tensor x, Tensor weight) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(recipes_scaffold, CPU, m) { m.impl("float_rows_mm", &float_rows_mm); }
+
+extern "C" AOTITorchError aoti_torch_cpu_float_rows_mm(AtenTensorHandle x, AtenTensorHandle weight,
+                                                      AtenTensorHandle* result) {
+  using recipes_scaffold::tensor_of;
+  return recipes_scaffold::shim_call(result, float_rows_mm, tensor_of(x), tensor_of(weight));
+}

@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "aoti_shim.h"
+
 namespace {
 
 constexpr int64_t kRows = 16;   // output rows one group of the layout holds
@@ -282,4 +284,22 @@ TORCH_LIBRARY_IMPL(recipes_scaffold, CPU, m) {
   m.impl("int4_groups_mm", &int4_groups_mm);
   m.impl("int4_symmetric_groups_mm", &int4_symmetric_groups_mm);
   m.impl("int8_groups_mm", &int8_groups_mm);
+}
+
+extern "C" {
+AOTITorchError aoti_torch_cpu_int4_groups_mm(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle* result) {
+  using recipes_scaffold::tensor_of;
+  return recipes_scaffold::shim_call(result, int4_groups_mm, tensor_of(x), tensor_of(weight));
+}
+
+AOTITorchError aoti_torch_cpu_int4_symmetric_groups_mm(AtenTensorHandle x, AtenTensorHandle weight,
+                                                       AtenTensorHandle* result) {
+  using recipes_scaffold::tensor_of;
+  return recipes_scaffold::shim_call(result, int4_symmetric_groups_mm, tensor_of(x), tensor_of(weight));
+}
+
+AOTITorchError aoti_torch_cpu_int8_groups_mm(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle* result) {
+  using recipes_scaffold::tensor_of;
+  return recipes_scaffold::shim_call(result, int8_groups_mm, tensor_of(x), tensor_of(weight));
+}
 }

@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "aoti_shim.h"
+
 namespace {
 
 constexpr int64_t kLanes = 16;
@@ -80,3 +82,7 @@ at::Tensor row_argmax(const at::Tensor& logits) {
 TORCH_LIBRARY_FRAGMENT(recipes_scaffold, m) { m.def("row_argmax(Tensor logits) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(recipes_scaffold, CPU, m) { m.impl("row_argmax", &row_argmax); }
+
+extern "C" AOTITorchError aoti_torch_cpu_row_argmax(AtenTensorHandle logits, AtenTensorHandle* result) {
+  return recipes_scaffold::shim_call(result, row_argmax, recipes_scaffold::tensor_of(logits));
+}
